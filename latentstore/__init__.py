@@ -1,0 +1,3 @@
+"""latentstore: store images in the database as VAE latents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""The LATENTSTORE setting: defaults, normalisation, and a cache reset on ``setting_changed``.
+
+Everything else reads configuration through :func:`get_settings` so tests that use
+``override_settings(LATENTSTORE=...)`` see the new values at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+DEFAULT_AUTOENCODER: dict[str, Any] = {
+    "PRETRAINED": "stabilityai/sd-vae-ft-mse",
+    "FAMILY": "sd",
+    "DTYPE": "float16",
+    "DEVICE": "auto",
+    "SUBFOLDER": None,
+    "REVISION": None,
+}
+
+DEFAULTS: dict[str, Any] = {
+    # alias -> how to load it; the alias, family and weights fingerprint are stamped into latents.
+    "AUTOENCODERS": {"default": DEFAULT_AUTOENCODER},
+    # alias -> {"BACKEND": dotted path, "OPTIONS": {...}}; "default" and "rgb" are derived when absent.
+    "DECODERS": {},
+    # Django CACHES alias that holds decoded images.
+    "CACHE": "default",
+    # Seconds a decoded image stays in the shared cache (None: the cache's own default).
+    "CACHE_TIMEOUT": 60 * 60 * 24 * 30,
+    # Storage dtype of latent blobs: "float16" (default) or "int8" (per-channel affine).
+    "LATENT_DTYPE": "float16",
+    # Upload policy, checked at assignment before anything is stored.
+    "ALLOWED_FORMATS": ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"),
+    "MAX_PIXELS": 16_777_216,  # 4096 x 4096
+    "MAX_UPLOAD_BYTES": 50 * 1024 * 1024,
+    # Background that transparent pixels are composited onto before encoding.
+    "ALPHA_BACKGROUND": (255, 255, 255),
+    # Keep the original upload in a Django storage after encoding (else it is discarded).
+    "KEEP_ORIGINAL": False,
+    "ORIGINALS_STORAGE": "default",  # a STORAGES alias
+    "ORIGINALS_PREFIX": "latentstore/originals/",
+    # Celery routing and recovery.
+    "ENCODE_TASK": "latentstore.encode",
+    "DECODE_TASK": "latentstore.decode",
+    "ENCODE_QUEUE": "latents.encode",
+    "DECODE_QUEUE": "latents.decode",
+    "LEASE_SECONDS": 600,  # a pending/encoding row older than this is re-enqueued by the sweeper
+    "MAX_ATTEMPTS": 3,  # encode attempts before a row is marked failed
+    "DECODE_TIMEOUT": 120,  # seconds decode() waits for a worker-side decode
+}
+
+
+class ImproperlyConfiguredLatentstore(Exception):
+    """Raised for a LATENTSTORE setting that cannot work (system checks give the details)."""
+
+
+@functools.cache
+def get_settings() -> dict[str, Any]:
+    """Return the effective LATENTSTORE settings (defaults merged with the project's)."""
+    user = getattr(django_settings, "LATENTSTORE", {}) or {}
+    merged = copy.deepcopy(DEFAULTS)
+    for key, value in user.items():
+        merged[key] = copy.deepcopy(value)
+    merged["AUTOENCODERS"] = {
+        alias: {**DEFAULT_AUTOENCODER, **cfg} for alias, cfg in merged["AUTOENCODERS"].items()
+    }
+    merged["ALLOWED_FORMATS"] = tuple(f.upper() for f in merged["ALLOWED_FORMATS"])
+    merged["ALPHA_BACKGROUND"] = tuple(merged["ALPHA_BACKGROUND"])
+    return merged
+
+
+def get_autoencoder_config(alias: str) -> dict[str, Any]:
+    """Return one autoencoder's settings, or raise KeyError naming the configured aliases."""
+    autoencoders = get_settings()["AUTOENCODERS"]
+    try:
+        return autoencoders[alias]
+    except KeyError:
+        raise KeyError(
+            f"No autoencoder {alias!r} in LATENTSTORE['AUTOENCODERS'] "
+            f"(configured: {', '.join(sorted(autoencoders)) or 'none'})"
+        ) from None
+
+
+@receiver(setting_changed)
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting in ("LATENTSTORE", "CACHES", "STORAGES"):
+        get_settings.cache_clear()
+        # Late import: decoders imports conf.
+        from latentstore import decoders
+
+        decoders.reset()

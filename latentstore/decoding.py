@@ -1,0 +1,159 @@
+"""Cached decoding: content-addressed cache keys, local or worker-side decode, size fitting.
+
+A cache key is made of the blob digest, the decoder alias and fingerprint, the output size and
+format — all known from the row's small columns, so a cache hit reads no blob and loads no model,
+and a re-encoded row (new digest) can never be served an old picture.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import TYPE_CHECKING, Any
+
+from django.core.cache import caches
+
+from latentstore import conf
+from latentstore.decoders import RUN_WORKER, decoders
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    from latentstore.fields import LatentImage
+
+KEY_VERSION = "v1"
+FORMATS = {"PNG": "PNG", "WEBP": "WEBP", "JPEG": "JPEG", "JPG": "JPEG"}
+CONTENT_TYPES = {"PNG": "image/png", "WEBP": "image/webp", "JPEG": "image/jpeg"}
+
+
+class DecodeFailed(RuntimeError):
+    """A worker-side decode failed; the message is the worker's."""
+
+
+class DecodeTimeout(TimeoutError):
+    """A worker-side decode did not arrive in the cache within ``DECODE_TIMEOUT`` seconds."""
+
+
+def fit_size(original: tuple[int, int], size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """The output size: the original, or the original fitted into a ``size`` box (aspect kept)."""
+    width, height = original
+    if size is None:
+        return width, height
+    box_w, box_h = (size, size) if isinstance(size, int) else size
+    if box_w <= 0 or box_h <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    scale = min(box_w / width, box_h / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def normalise_format(format: str) -> str:
+    try:
+        return FORMATS[format.upper()]
+    except KeyError:
+        raise ValueError(f"Unsupported format {format!r}; use one of PNG, WEBP, JPEG") from None
+
+
+def cache_key(digest: str, alias: str, fingerprint: str, size: tuple[int, int], format: str) -> str:
+    return f"latentstore:{KEY_VERSION}:{digest}:{alias}:{fingerprint}:{size[0]}x{size[1]}:{format}"
+
+
+def key_for(image: LatentImage, alias: str, size: Any, format: str) -> tuple[str, tuple[int, int]]:
+    """The cache key of ``image`` decoded by ``alias`` at ``size`` in ``format``, and that size."""
+    backend = decoders[alias]
+    target = fit_size((image.width, image.height), size)
+    fingerprint = backend.fingerprint(image._companion("autoencoder"))
+    return cache_key(image.digest, alias, fingerprint, target, format), target
+
+
+def get_cache():
+    return caches[conf.get_settings()["CACHE"]]
+
+
+def encode_picture(img: PILImage.Image, format: str) -> bytes:
+    buf = io.BytesIO()
+    if format == "PNG":
+        img.save(buf, format="PNG", compress_level=1)
+    elif format == "WEBP":
+        img.save(buf, format="WEBP", quality=90, method=4)
+    else:
+        img.convert("RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def render(image: LatentImage, alias: str, target: tuple[int, int], format: str) -> bytes:
+    """Decode ``image`` with ``alias`` in this process and encode the picture (no cache)."""
+    from PIL import Image
+
+    backend = decoders[alias]
+    header, latents = image.unpack()
+    backend.check(header)
+    picture = backend.decode(header, latents)
+    if picture.size != target:
+        picture = picture.resize(target, Image.Resampling.LANCZOS)
+    return encode_picture(picture, format)
+
+
+def decode_bytes(image: LatentImage, alias: str, size: Any = None, format: str = "PNG") -> bytes:
+    """The decoded picture as an image file, from the cache or decoded now (then cached)."""
+    from latentstore.fields import READY, LatentsNotReady
+
+    format = normalise_format(format)
+    if image.state != READY or not image.digest:
+        image._require_blob()  # raises LatentsNotReady with the row's state and error
+        raise LatentsNotReady("latents are not ready", state=image.state)
+    key, target = key_for(image, alias, size, format)
+    cache = get_cache()
+    data = cache.get(key)
+    if data is not None:
+        return data
+    if decoders[alias].run == RUN_WORKER:
+        return _decode_on_worker(image, alias, target, format, key)
+    data = render(image, alias, target, format)
+    cache.set(key, data, conf.get_settings()["CACHE_TIMEOUT"])
+    return data
+
+
+def decode_image(image: LatentImage, alias: str, size: Any = None, format: str = "PNG"):
+    """:func:`decode_bytes`, opened as a PIL image."""
+    from PIL import Image
+
+    data = decode_bytes(image, alias, size=size, format=format)
+    picture = Image.open(io.BytesIO(data))
+    picture.load()
+    return picture
+
+
+def _decode_on_worker(image: LatentImage, alias: str, target: tuple[int, int], format: str,
+                      key: str) -> bytes:
+    """Send a decode task and wait for its result to appear in the shared cache.
+
+    The cache doubles as the result backend, so no Celery result store is needed; the cache
+    must therefore be shared between web and worker processes (Redis, Memcached, database or
+    file-based — not LocMem).
+    """
+    from celery import current_app
+
+    settings = conf.get_settings()
+    instance = image.instance
+    current_app.send_task(
+        settings["DECODE_TASK"],
+        args=[instance._meta.label, instance.pk, image.field.name, alias, list(target), format, key],
+        queue=settings["DECODE_QUEUE"],
+    )
+    cache = get_cache()
+    deadline = time.monotonic() + settings["DECODE_TIMEOUT"]
+    delay = 0.01
+    error_key = key + ":error"
+    while time.monotonic() < deadline:
+        found = cache.get_many([key, error_key])
+        if key in found:
+            return found[key]
+        if error_key in found:
+            raise DecodeFailed(found[error_key])
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+    raise DecodeTimeout(
+        f"No decode from a worker within {settings['DECODE_TIMEOUT']} s for "
+        f"{instance._meta.label} pk={instance.pk} ({alias}); is a worker consuming "
+        f"{settings['DECODE_QUEUE']!r}?"
+    )

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny real autoencoders, latentstore settings, a real Celery worker."""
+
+from __future__ import annotations
+
+import pytest
+from django.conf import settings as django_settings
+
+from tests.tiny import image_bytes, make_test_image, save_tiny_autoencoder
+
+requires_postgres = pytest.mark.skipif(
+    not django_settings.POSTGRES_AVAILABLE,
+    reason="PostgreSQL is not reachable on 127.0.0.1:5432 (the suite ran on SQLite)",
+)
+requires_redis = pytest.mark.skipif(
+    not django_settings.REDIS_AVAILABLE,
+    reason="Redis is not reachable on 127.0.0.1:6379",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A seeded tiny AutoencoderKL (8x downsampling, 4 channels) saved as safetensors."""
+    return save_tiny_autoencoder(tmp_path_factory.mktemp("tiny-vae"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_vae_dir(tmp_path_factory):
+    """Same architecture, other seed: other weights, another fingerprint."""
+    return save_tiny_autoencoder(tmp_path_factory.mktemp("other-vae"), seed=1)
+
+
+def latentstore_config(vae_dir, **extra):
+    return {
+        "AUTOENCODERS": {
+            "default": {"PRETRAINED": str(vae_dir), "FAMILY": "sd", "DTYPE": "float32",
+                        "DEVICE": "cpu"},
+        },
+        **extra,
+    }
+
+
+@pytest.fixture(autouse=True)
+def latentstore_settings(settings, tiny_vae_dir):
+    """Every test runs against the tiny model, loaded through the production PRETRAINED path."""
+    settings.LATENTSTORE = latentstore_config(tiny_vae_dir)
+    return settings
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache():
+    from django.core.cache import caches
+
+    caches["default"].clear()
+    yield
+
+
+@pytest.fixture
+def png_bytes():
+    return image_bytes(make_test_image(40, 24, seed=3), "PNG")
+
+
+def drain(queue: str, timeout: float = 0.5) -> list:
+    """Take every message waiting in ``queue`` on the real broker: [(task name, args, message)]."""
+    import json
+
+    from project.celery import app
+
+    taken = []
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue, no_ack=True)
+        try:
+            while True:
+                try:
+                    message = simple.get(timeout=timeout)
+                except simple.Empty:
+                    break
+                assert message.content_type == "application/json", message.content_type
+                args, _kwargs, _embed = json.loads(message.body)
+                taken.append((message.headers["task"], args, message))
+                timeout = 0.05
+        finally:
+            simple.close()
+    return taken
+
+
+@pytest.fixture
+def broker():
+    """The real broker, emptied of latentstore messages before and after the test."""
+    if not django_settings.REDIS_AVAILABLE:
+        pytest.skip("Redis is not reachable on 127.0.0.1:6379 (the broker of these tests)")
+    for queue in ("latents.encode", "latents.decode"):
+        drain(queue, timeout=0.05)
+    yield drain
+    for queue in ("latents.encode", "latents.decode"):
+        drain(queue, timeout=0.05)
+
+
+@pytest.fixture
+def celery_worker(transactional_db):
+    """A real Celery worker (solo pool, in a thread) consuming the encode and decode queues."""
+    if not django_settings.REDIS_AVAILABLE:
+        pytest.skip("Redis is not reachable on 127.0.0.1:6379 (the broker of the worker tests)")
+    from celery.contrib.testing.worker import start_worker
+
+    from project.celery import app
+
+    with start_worker(
+        app,
+        pool="solo",
+        perform_ping_check=False,
+        queues=["latents.encode", "latents.decode"],
+        shutdown_timeout=30,
+    ) as worker:
+        yield worker

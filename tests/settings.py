@@ -1,0 +1,76 @@
+"""Settings for the test suite: real PostgreSQL and Redis on 127.0.0.1 when they are there.
+
+Without PostgreSQL the suite runs on SQLite and the tests that need PostgreSQL skip, saying so;
+without Redis the Redis tests skip. ``LATENTSTORE_TEST_DB=sqlite`` forces SQLite.
+"""
+
+import os
+import socket
+import tempfile
+import uuid
+
+from project.settings import *  # noqa: F403
+from project.settings import INSTALLED_APPS
+
+
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+POSTGRES_AVAILABLE = os.environ.get("LATENTSTORE_TEST_DB") != "sqlite" and _reachable(5432)
+REDIS_AVAILABLE = _reachable(6379)
+REDIS_URL = os.environ.get("LATENTSTORE_TEST_REDIS", "redis://127.0.0.1:6379/13")
+
+TEST_VAR_DIR = tempfile.mkdtemp(prefix="latentstore-tests-")
+
+if POSTGRES_AVAILABLE:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "postgres",
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "HOST": "127.0.0.1",
+            "PORT": "5432",
+            # pytest-xdist-free suite; one test database per run, named per process so two
+            # runs on one machine (a developer and CI) do not drop each other's database.
+            "TEST": {"NAME": f"test_latentstore_{os.getpid()}"},
+        }
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.path.join(TEST_VAR_DIR, "db.sqlite3"),
+            "TEST": {"NAME": os.path.join(TEST_VAR_DIR, "test.sqlite3")},
+            "OPTIONS": {"timeout": 30},
+        }
+    }
+
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+}
+if REDIS_AVAILABLE:
+    CACHES["redis"] = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": f"lstest-{uuid.uuid4().hex[:8]}",
+    }
+
+STORAGES = {
+    "default": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": os.path.join(TEST_VAR_DIR, "media")},
+    },
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
+# Messages of this run live under their own key prefix, so concurrent runs share Redis safely.
+CELERY_BROKER_URL = REDIS_URL if REDIS_AVAILABLE else "memory://"
+CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"lstest-{uuid.uuid4().hex[:8]}:"}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]
