@@ -85,6 +85,9 @@ _RECOGNISABLE_FORMATS = (
 # upload policy it is a JPEG.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 
+# Common spellings of format names in settings.
+_SETTING_ALIASES = {"JPG": "JPEG", "TIF": "TIFF", "MPO": "JPEG", "JPEG 2000": "JPEG2000"}
+
 # Errors Pillow raises from header parsers and decoders for bytes that are not what they claim.
 _PARSE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 
@@ -113,7 +116,7 @@ def inspect_image(
     Raises :class:`django.core.exceptions.ValidationError` with one of the codes ``"empty"``,
     ``"not_an_image"``, ``"format"`` or ``"too_large_pixels"``.
     """
-    allowed = tuple(dict.fromkeys(str(f).upper() for f in allowed_formats))
+    allowed = _normalise_formats(allowed_formats)
     if not data:
         raise ValidationError("The file is empty.", code="empty")
     try:
@@ -201,11 +204,7 @@ def open_rgb(
     """
     if not data:
         raise ValueError("The image data is empty.")
-    formats = None
-    if allowed_formats is not None:
-        formats = tuple(dict.fromkeys(str(f).upper() for f in allowed_formats))
-        if "JPEG" in formats and "MPO" not in formats:
-            formats += ("MPO",)
+    formats = None if allowed_formats is None else _normalise_formats(allowed_formats)
     try:
         img = _open_header(data, formats)
     except _BombError as exc:
@@ -247,6 +246,11 @@ class _BombError(Exception):
         self.pixels = pixels
 
 
+def _normalise_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    names = (str(f).strip().upper() for f in formats)
+    return tuple(dict.fromkeys(_SETTING_ALIASES.get(n, n) for n in names))
+
+
 def _pixel_limit(max_pixels: int | None) -> int | float:
     limits = [n for n in (max_pixels, Image.MAX_IMAGE_PIXELS) if n is not None]
     return min(limits) if limits else float("inf")
@@ -263,6 +267,12 @@ def _open_header(
     ``MAX_IMAGE_PIXELS`` themselves (warnings.catch_warnings would be simpler but is not
     thread-safe, and web servers run threads).
     """
+    if formats is not None:
+        Image.init()
+        # Pillow raises KeyError for a name it has no plugin for (a typo in the setting).
+        formats = tuple(f for f in formats if f in Image.OPEN)
+        if not formats:
+            return None
     try:
         return Image.open(io.BytesIO(data), formats=list(formats) if formats else None)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -360,7 +370,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     """Scale 16/32-bit integer and float images down to ``L``; other modes pass through."""
     mode = img.mode
     if mode.startswith("I;16"):
-        out = img.convert("I").point(lambda v: v * (255 / 65535)).convert("L")
+        out = img.convert("I").point(lambda v: v * (255 / 65535) + 0.5).convert("L")  # rounded
     elif mode in ("I", "F"):
         lo, hi = img.getextrema()
         if mode == "F" and lo >= 0 and hi <= 1:
