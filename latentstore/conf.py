@@ -26,7 +26,8 @@ DEFAULT_AUTOENCODER: dict[str, Any] = {
 DEFAULTS: dict[str, Any] = {
     # alias -> how to load it; the alias, family and weights fingerprint are stamped into latents.
     "AUTOENCODERS": {"default": DEFAULT_AUTOENCODER},
-    # alias -> {"BACKEND": dotted path, "OPTIONS": {...}}; "default" and "rgb" are derived when absent.
+    # alias -> {"BACKEND": dotted path, "OPTIONS": {...}}; "default" and "rgb" are added
+    # when absent.
     "DECODERS": {},
     # Django CACHES alias that holds decoded images.
     "CACHE": "default",

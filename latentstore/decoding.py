@@ -123,8 +123,9 @@ def decode_image(image: LatentImage, alias: str, size: Any = None, format: str =
     return picture
 
 
-def _decode_on_worker(image: LatentImage, alias: str, target: tuple[int, int], format: str,
-                      key: str) -> bytes:
+def _decode_on_worker(
+    image: LatentImage, alias: str, target: tuple[int, int], format: str, key: str
+) -> bytes:
     """Send a decode task and wait for its result to appear in the shared cache.
 
     The cache doubles as the result backend, so no Celery result store is needed; the cache
@@ -137,7 +138,15 @@ def _decode_on_worker(image: LatentImage, alias: str, target: tuple[int, int], f
     instance = image.instance
     current_app.send_task(
         settings["DECODE_TASK"],
-        args=[instance._meta.label, instance.pk, image.field.name, alias, list(target), format, key],
+        args=[
+            instance._meta.label,
+            instance.pk,
+            image.field.name,
+            alias,
+            list(target),
+            format,
+            key,
+        ],
         queue=settings["DECODE_QUEUE"],
     )
     cache = get_cache()

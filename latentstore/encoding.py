@@ -63,7 +63,11 @@ def enqueue_encode(label: str, pk: Any, field_name: str, token: uuid.UUID | str)
     except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
         logger.warning(
             "Could not enqueue the encode of %s pk=%s (%s); the sweeper will retry: %s",
-            label, pk, field_name, token, exc,
+            label,
+            pk,
+            field_name,
+            token,
+            exc,
         )
         return False
     return True
@@ -91,8 +95,10 @@ class Claim:
 
 
 def _columns(field: LatentImageField, **values: Any) -> dict[str, Any]:
-    return {field.companion_attname(k) if k != "latents" else field.attname: v
-            for k, v in values.items()}
+    return {
+        field.companion_attname(k) if k != "latents" else field.attname: v
+        for k, v in values.items()
+    }
 
 
 def claim(label: str, pk: Any, field_name: str, token: str) -> Claim | None:
@@ -116,12 +122,19 @@ def claim(label: str, pk: Any, field_name: str, token: str) -> Claim | None:
         if not updated:
             return None
         staged, attempts, autoencoder, width, height = rows.values_list(
-            *(field.companion_attname(s) for s in ("staged", "attempts", "autoencoder",
-                                                   "width", "height"))
+            *(
+                field.companion_attname(s)
+                for s in ("staged", "attempts", "autoencoder", "width", "height")
+            )
         ).get()
     if attempts > settings["MAX_ATTEMPTS"]:
-        fail_row(label, pk, field_name, token,
-                 f"Gave up after {attempts - 1} attempts to encode (the worker kept failing).")
+        fail_row(
+            label,
+            pk,
+            field_name,
+            token,
+            f"Gave up after {attempts - 1} attempts to encode (the worker kept failing).",
+        )
         return None
     if staged is None:
         fail_row(label, pk, field_name, token, "The staged original is missing; re-upload it.")
@@ -178,8 +191,9 @@ def write_back(claim: Claim, blob: bytes, digest: str) -> bool:
     if not updated:
         if original:
             originals_storage().delete(original)
-        logger.info("Dropped a stale encode of %s pk=%s (%s)", claim.label, claim.pk,
-                    claim.field_name)
+        logger.info(
+            "Dropped a stale encode of %s pk=%s (%s)", claim.label, claim.pk, claim.field_name
+        )
         return False
     return True
 
@@ -187,10 +201,10 @@ def write_back(claim: Claim, blob: bytes, digest: str) -> bool:
 def fail_row(label: str, pk: Any, field_name: str, token: str, message: str) -> bool:
     """Mark the row failed with ``message`` if the token matches; the staged original stays."""
     model, field = get_field(label, field_name)
-    updated = model._base_manager.filter(
-        pk=pk, **{field.companion_attname("token"): token}
-    ).exclude(**{field.companion_attname("state"): READY}).update(
-        **_columns(field, state=FAILED, error=message[:2000], changed=timezone.now())
+    updated = (
+        model._base_manager.filter(pk=pk, **{field.companion_attname("token"): token})
+        .exclude(**{field.companion_attname("state"): READY})
+        .update(**_columns(field, state=FAILED, error=message[:2000], changed=timezone.now()))
     )
     if updated:
         logger.warning("Encode failed for %s pk=%s (%s): %s", label, pk, field_name, message)
@@ -230,16 +244,27 @@ def sweep(now: Any = None, lease: float | None = None) -> SweepResult:
     cutoff = now - timedelta(seconds=lease)
     result = SweepResult()
     for model, field in latent_fields():
-        state_col, changed_col = field.companion_attname("state"), field.companion_attname("changed")
-        token_col, attempts_col = field.companion_attname("token"), field.companion_attname("attempts")
+        state_col, changed_col = (
+            field.companion_attname("state"),
+            field.companion_attname("changed"),
+        )
+        token_col, attempts_col = (
+            field.companion_attname("token"),
+            field.companion_attname("attempts"),
+        )
         stuck = model._base_manager.filter(
             Q(**{f"{changed_col}__lt": cutoff}) | Q(**{f"{changed_col}__isnull": True}),
             **{f"{state_col}__in": [PENDING, ENCODING]},
         )
         for pk, token, attempts in stuck.values_list("pk", token_col, attempts_col).iterator():
             if attempts >= settings["MAX_ATTEMPTS"]:
-                if fail_row(model._meta.label, pk, field.name, str(token),
-                            f"Gave up after {attempts} attempts to encode (lease expired)."):
+                if fail_row(
+                    model._meta.label,
+                    pk,
+                    field.name,
+                    str(token),
+                    f"Gave up after {attempts} attempts to encode (lease expired).",
+                ):
                     result.failed += 1
                 continue
             renewed = model._base_manager.filter(

@@ -31,7 +31,7 @@ from django.db.models import F, signals
 from django.utils import timezone
 
 from latentstore import conf
-from latentstore.latents import LatentHeader, blob_digest, read_header, unpack
+from latentstore.latents import LatentHeader, read_header, unpack
 
 if TYPE_CHECKING:
     import numpy as np
@@ -191,6 +191,11 @@ def read_upload(value: Any) -> tuple[bytes, str]:
             data = fh.read()
     elif _is_pil_image(value):
         buf = io.BytesIO()
+        if value.mode not in _PNG_MODES:
+            # CMYK, YCbCr, ...: PNG cannot hold them; apply the RGB policy now.
+            from latentstore.images import to_rgb
+
+            value = to_rgb(value, background=conf.get_settings()["ALPHA_BACKGROUND"])
         # PNG is lossless; the encoder sees exactly the pixels that were assigned.
         value.save(buf, format="PNG")
         data = buf.getvalue()
@@ -216,6 +221,9 @@ def read_upload(value: Any) -> tuple[bytes, str]:
     if len(data) > limit:
         raise _too_big(len(data), limit)
     return data, name
+
+
+_PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
 
 
 def _too_big(size: int, limit: int) -> ValidationError:
@@ -245,7 +253,9 @@ def stage(value: Any) -> StagedUpload:
         allowed_formats=settings["ALLOWED_FORMATS"],
         max_pixels=settings["MAX_PIXELS"],
     )
-    return StagedUpload(data=data, format=info.format, width=info.width, height=info.height, name=name)
+    return StagedUpload(
+        data=data, format=info.format, width=info.width, height=info.height, name=name
+    )
 
 
 # --- the value object ---------------------------------------------------------------------------
@@ -677,8 +687,14 @@ class LatentImageField(models.Field):
         instance.__dict__[self.attname] = STORED_NONE
 
     # signals
-    def _check_update_fields(self, sender: type, instance: models.Model, update_fields: Any = None,
-                             raw: bool = False, **kwargs: Any) -> None:
+    def _check_update_fields(
+        self,
+        sender: type,
+        instance: models.Model,
+        update_fields: Any = None,
+        raw: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if update_fields is None or raw or self.name not in update_fields:
             return
         missing = [n for n in self.companion_names if n not in update_fields]
@@ -688,8 +704,14 @@ class LatentImageField(models.Field):
                 f"{missing}; add {type(instance).__name__}.{self.name}.field.companion_names."
             )
 
-    def _enqueue_on_commit(self, sender: type, instance: models.Model, raw: bool = False,
-                           using: str | None = None, **kwargs: Any) -> None:
+    def _enqueue_on_commit(
+        self,
+        sender: type,
+        instance: models.Model,
+        raw: bool = False,
+        using: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         dirty = _dirty(instance)
         dirty.discard(self.name)
         token = instance.__dict__.get("_latentstore_enqueue", {}).pop(self.name, None)

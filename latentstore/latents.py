@@ -23,7 +23,9 @@ place that says how to read it; JSON floats round-trip exactly.
 
 int8 quantisation, per channel c with lo = min(x_c), hi = max(x_c):
 ``scale = (hi - lo) / 255`` (0 when hi == lo), ``q = round((x - lo) / scale) - 128`` (q = -128
-when scale == 0), read back as ``x' = (q + 128) * scale + lo``. The error is at most scale / 2.
+when scale == 0), read back as ``x' = (q + 128) * scale + lo``. The error is at most scale / 2
+(a channel whose step would be below float32's normal range, i.e. that varies by < 3e-36, is
+stored as constant).
 
 Measured quantisation error (4x64x64 latents, raw values with per-channel std 5 and means
 ~N(0, 1), the spread of SD-VAE ``latent_dist.mean``; error divided by the channel's std, 50 draws
@@ -80,6 +82,7 @@ _CHECKSUM_SIZE = 16
 MAX_HEADER_BYTES = 64 * 1024
 
 _F16_OVERFLOW = 65520.0
+_F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32, ~1.2e-38
 _NUMPY_DTYPES = {"float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 _HEADER_KEYS = frozenset(
     (
@@ -246,6 +249,9 @@ def _quantize(arr: np.ndarray) -> tuple[np.ndarray, list[float], list[float]]:
     x = arr.astype(np.float32, copy=False).reshape(arr.shape[0], -1)
     lo = x.min(axis=1)
     scale = (x.max(axis=1).astype(np.float64) - lo) / 255.0
+    # A step below float32's normal range would underflow on read-back (and its inverse
+    # overflow here); such a channel varies by < 3e-36, so store it as constant instead.
+    scale[scale < _F32_TINY] = 0.0
     # hi == lo: a zero inverse makes every q -128, which reads back as lo exactly.
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0).astype(np.float32)
     t = x - lo[:, None]
@@ -296,8 +302,9 @@ def unpack(blob: bytes | bytearray | memoryview) -> tuple[LatentHeader, np.ndarr
         raw = np.frombuffer(view, dtype="i1", count=count, offset=payload_start)
         latents = raw.astype(np.float32).reshape(header.shape)
         latents += np.float32(128.0)
-        latents *= np.asarray(scale, dtype=np.float32)[:, None, None]
-        latents += np.asarray(offset, dtype=np.float32)[:, None, None]
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            latents *= np.asarray(scale, dtype=np.float32)[:, None, None]
+            latents += np.asarray(offset, dtype=np.float32)[:, None, None]
         # Finite offsets and scales can still overflow float32 in a forged header.
         if not np.isfinite(latents).all():
             raise LatentFormatError("latent blob holds values that are not finite in float32")
@@ -349,9 +356,7 @@ def _check_prefix(view: memoryview) -> tuple[int, int]:
         raise LatentFormatError("latent blob is empty")
     head = bytes(view[: len(MAGIC)])
     if head != MAGIC[: len(head)]:
-        raise LatentFormatError(
-            f"not a latent blob: bad magic {head!r} (expected {MAGIC!r})"
-        )
+        raise LatentFormatError(f"not a latent blob: bad magic {head!r} (expected {MAGIC!r})")
     if n < _PREFIX_SIZE:
         raise LatentFormatError(
             f"latent blob is truncated: got {n} bytes, less than the {_PREFIX_SIZE}-byte prefix"
@@ -375,8 +380,7 @@ def _parse_header(
     payload_start = _PREFIX_SIZE + header_len
     if len(view) < payload_start:
         raise LatentFormatError(
-            f"latent blob is truncated: the header needs {payload_start} bytes, "
-            f"got {len(view)}"
+            f"latent blob is truncated: the header needs {payload_start} bytes, got {len(view)}"
         )
     header, quant = _decode_header(bytes(view[_PREFIX_SIZE:payload_start]))
     return header, quant, payload_start
@@ -509,9 +513,7 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _finite_float(name: str, value: object) -> float:

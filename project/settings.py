@@ -59,7 +59,7 @@ TEMPLATES = [
 
 
 def database_from_url(url: str) -> dict:
-    """Parse ``postgresql://user:pass@host:port/name`` or ``sqlite:///path`` into DATABASES['default']."""
+    """Parse ``postgresql://user:pass@host:port/name`` or ``sqlite:///path`` (DATABASES)."""
     parts = urlparse(url)
     if parts.scheme in ("postgres", "postgresql"):
         return {
@@ -72,7 +72,9 @@ def database_from_url(url: str) -> dict:
         }
     if parts.scheme == "sqlite":
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": unquote(parts.path) or ":memory:"}
-    raise ValueError(f"Unsupported DATABASE_URL scheme {parts.scheme!r} (postgresql:// or sqlite://)")
+    raise ValueError(
+        f"Unsupported DATABASE_URL scheme {parts.scheme!r} (postgresql:// or sqlite://)"
+    )
 
 
 DATABASES = {
@@ -143,6 +145,12 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_out": str(_broker_dir / "queue"),
         # The option is processed_folder (a misspelt key silently loses messages).
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
         "polling_interval": 0.1,
     }
+
+# The sweeper re-enqueues rows whose message was lost (run `celery -A project beat`).
+CELERY_BEAT_SCHEDULE = {
+    "latentstore-sweep": {"task": "latentstore.sweep", "schedule": 60.0},
+}

@@ -32,8 +32,12 @@ def other_vae_dir(tmp_path_factory):
 def latentstore_config(vae_dir, **extra):
     return {
         "AUTOENCODERS": {
-            "default": {"PRETRAINED": str(vae_dir), "FAMILY": "sd", "DTYPE": "float32",
-                        "DEVICE": "cpu"},
+            "default": {
+                "PRETRAINED": str(vae_dir),
+                "FAMILY": "sd",
+                "DTYPE": "float32",
+                "DEVICE": "cpu",
+            },
         },
         **extra,
     }

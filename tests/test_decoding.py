@@ -60,9 +60,12 @@ def test_cache_hit_loads_no_model_and_reads_no_blob(ready_photo):
 
 
 def test_custom_backend_from_settings_is_cached_per_key(settings, tiny_vae_dir, ready_photo):
-    settings.LATENTSTORE = latentstore_config(tiny_vae_dir, DECODERS={
-        "grey": {"BACKEND": "tests.test_decoding.CountingDecoder", "OPTIONS": {"level": 99}},
-    })
+    settings.LATENTSTORE = latentstore_config(
+        tiny_vae_dir,
+        DECODERS={
+            "grey": {"BACKEND": "tests.test_decoding.CountingDecoder", "OPTIONS": {"level": 99}},
+        },
+    )
     CountingDecoder.calls = 0
     assert ready_photo.image.decode(decoder="grey").getpixel((0, 0)) == (99, 99, 99)
     ready_photo.image.decode(decoder="grey")
@@ -73,9 +76,12 @@ def test_custom_backend_from_settings_is_cached_per_key(settings, tiny_vae_dir, 
 
 
 def test_reencoded_row_is_never_served_the_old_picture(settings, tiny_vae_dir, ready_photo):
-    settings.LATENTSTORE = latentstore_config(tiny_vae_dir, DECODERS={
-        "grey": {"BACKEND": "tests.test_decoding.CountingDecoder", "OPTIONS": {"level": 7}},
-    })
+    settings.LATENTSTORE = latentstore_config(
+        tiny_vae_dir,
+        DECODERS={
+            "grey": {"BACKEND": "tests.test_decoding.CountingDecoder", "OPTIONS": {"level": 7}},
+        },
+    )
     CountingDecoder.calls = 0
     ready_photo.image.decode(decoder="grey")
     ready_photo.image = image_bytes(make_test_image(40, 24, seed=9), "PNG")
@@ -97,9 +103,16 @@ def test_vae_decoder_refuses_latents_of_other_weights(settings, other_vae_dir, r
 def test_rgb_decoder_refuses_a_family_it_cannot_read(ready_photo):
     from latentstore.latents import blob_digest, pack
 
-    blob = pack(ready_photo.image.latents[:3], autoencoder="default", family="sd",
-                fingerprint="f" * 16, scaling_factor=0.18215, shift_factor=0.0, width=40,
-                height=24)
+    blob = pack(
+        ready_photo.image.latents[:3],
+        autoencoder="default",
+        family="sd",
+        fingerprint="f" * 16,
+        scaling_factor=0.18215,
+        shift_factor=0.0,
+        width=40,
+        height=24,
+    )
     Photo.objects.filter(pk=ready_photo.pk).update(image=blob, image_digest=blob_digest(blob))
     with pytest.raises(IncompatibleLatents, match="4 channels but these latents have 3"):
         Photo.objects.get(pk=ready_photo.pk).image.decode(decoder="rgb")
@@ -117,7 +130,7 @@ def test_corrupt_blob_raises_a_clear_error(ready_photo):
     broken = Photo.objects.get(pk=ready_photo.pk)
     assert broken.image.state == "ready" and broken.image.width == 40  # the row still lists
     with pytest.raises(LatentFormatError):
-        broken.image.latents
+        _ = broken.image.latents
     with pytest.raises(LatentFormatError):
         broken.image.decode(decoder="rgb", size=17)
 
@@ -130,12 +143,15 @@ def test_preview_needs_no_model(ready_photo):
 
 
 @requires_redis
-def test_worker_side_decode_goes_through_the_shared_cache(settings, tiny_vae_dir, celery_worker,
-                                                          png_bytes):
+def test_worker_side_decode_goes_through_the_shared_cache(
+    settings, tiny_vae_dir, celery_worker, png_bytes
+):
     settings.LATENTSTORE = latentstore_config(
-        tiny_vae_dir, CACHE="redis",
-        DECODERS={"default": {"BACKEND": "workers.decoders.VAEDecoder",
-                              "OPTIONS": {"RUN": "worker"}}},
+        tiny_vae_dir,
+        CACHE="redis",
+        DECODERS={
+            "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}}
+        },
     )
     photo = Photo.objects.create(title="w", image=png_bytes)
     assert wait_for(photo).state == "ready"
@@ -161,9 +177,12 @@ def _errors(ids):
 
 
 def test_check_flags_a_decoder_for_a_missing_autoencoder(settings, tiny_vae_dir):
-    settings.LATENTSTORE = latentstore_config(tiny_vae_dir, DECODERS={
-        "sdxl": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"autoencoder": "sdxl"}},
-    })
+    settings.LATENTSTORE = latentstore_config(
+        tiny_vae_dir,
+        DECODERS={
+            "sdxl": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"autoencoder": "sdxl"}},
+        },
+    )
     (error,) = _errors({"latentstore.E008"})
     assert "'sdxl'" in error.msg and isinstance(error, checks.Error)
 
@@ -172,9 +191,9 @@ def test_check_flags_bad_family_dtype_and_cache(settings, tiny_vae_dir):
     config = latentstore_config(tiny_vae_dir, CACHE="missing")
     config["AUTOENCODERS"]["default"].update(FAMILY="sd9", DTYPE="int4")
     settings.LATENTSTORE = config
-    assert {e.id for e in _errors({"latentstore.E004", "latentstore.E006",
-                                   "latentstore.E014"})} == {
-        "latentstore.E004", "latentstore.E006", "latentstore.E014"}
+    assert {
+        e.id for e in _errors({"latentstore.E004", "latentstore.E006", "latentstore.E014"})
+    } == {"latentstore.E004", "latentstore.E006", "latentstore.E014"}
 
 
 def test_check_refuses_pickle(monkeypatch):

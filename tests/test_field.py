@@ -15,7 +15,6 @@ from django.db import connection, transaction
 from django.forms import modelform_factory
 from django.test.utils import CaptureQueriesContext
 
-from latentstore import encoding
 from latentstore.fields import LatentsNotReady, without_blobs
 from project.models import Photo
 from tests.testapp.models import Item, Poster
@@ -39,8 +38,9 @@ def test_save_stages_the_upload_and_sends_only_pointers_on_commit(broker, png_by
     assert (photo.image.width, photo.image.height) == (40, 24)
     photo.save()
 
-    row = Photo.objects.values("image", "image_state", "image_staged", "image_token",
-                               "image_width", "image_height").get(pk=photo.pk)
+    row = Photo.objects.values(
+        "image", "image_state", "image_staged", "image_token", "image_width", "image_height"
+    ).get(pk=photo.pk)
     assert row["image_state"] == "pending"
     assert bytes(row["image_staged"]) == png_bytes
     assert not row["image"]  # no latents yet
@@ -127,9 +127,9 @@ def _bomb_png(width=100_000, height=100_000) -> bytes:
 
     data = bytearray(image_bytes(make_test_image(8, 8), "PNG"))
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17])) & 0xFFFFFFFF
-    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
     return bytes(data)
 
 
@@ -180,7 +180,7 @@ def test_clearing_the_image_empties_every_column(png_bytes):
     assert not fresh.image
     assert fresh.image.blob is None and fresh.image_staged is None and fresh.image_token is None
     with pytest.raises(LatentsNotReady, match="state 'empty'"):
-        fresh.image.latents
+        _ = fresh.image.latents
 
 
 def test_listing_without_blobs_loads_no_blob_until_asked(png_bytes):
@@ -196,7 +196,7 @@ def test_listing_without_blobs_loads_no_blob_until_asked(png_bytes):
 
     with CaptureQueriesContext(connection) as fetch:
         latents = rows[0].image.latents
-        rows[0].image.latents  # memoised: no second query
+        _ = rows[0].image.latents  # memoised: no second query
     assert len(fetch) == 1
     assert latents.shape == (4, 3, 5)
     # A later save of the listed object does not send the blob back.
@@ -216,8 +216,12 @@ def test_dumpdata_loaddata_round_trips_a_ready_row(tmp_path, png_bytes):
     Photo.objects.all().delete()
     call_command("loaddata", str(out), verbosity=0)
     loaded = Photo.objects.get(pk=photo.pk)
-    assert (loaded.image.blob, loaded.image.digest, loaded.image.width,
-            loaded.image.height) == before
+    assert (
+        loaded.image.blob,
+        loaded.image.digest,
+        loaded.image.width,
+        loaded.image.height,
+    ) == before
     assert loaded.image.state == "ready"
     assert loaded.image.latents.shape == (4, 3, 5)
 
@@ -270,3 +274,12 @@ def test_latent_dtype_setting_is_stamped_in_the_blob(settings, tiny_vae_dir, png
     photo = Photo.objects.create(title="q", image=png_bytes)
     encode_now(photo)
     assert photo.image.header.dtype == "int8"
+
+
+def test_assigning_a_cmyk_pil_image_applies_the_rgb_policy():
+    # Regression: PNG cannot hold CMYK; assignment used to raise OSError.
+    picture = make_test_image(16, 16, seed=4).convert("CMYK")
+    photo = Photo.objects.create(title="cmyk", image=picture)
+    assert photo.image.state == "pending"
+    encode_now(photo)
+    assert photo.image.state == "ready", photo.image.error

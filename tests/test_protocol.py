@@ -60,8 +60,10 @@ def test_reupload_while_encoding_keeps_only_the_newest(celery_worker):
     if stale_claim is not None:  # the slow worker finishes v1 now: dropped as stale
         assert encoding.write_back(stale_claim, b"stale", "stale") is False
     # And a redelivered v1 message is a no-op too.
-    assert worker_tasks.encode.apply(
-        args=["demo.Photo", photo.pk, "image", str(old_token)]).get() == "stale"
+    assert (
+        worker_tasks.encode.apply(args=["demo.Photo", photo.pk, "image", str(old_token)]).get()
+        == "stale"
+    )
     photo.image.refresh()
     assert photo.image.blob == newest
     assert photo.image.latents.shape == (4, 6, 8)
@@ -84,8 +86,11 @@ def test_sweeper_reenqueues_rows_whose_message_was_lost(celery_worker, png_bytes
     photo = Photo.objects.create(title="lost", image=png_bytes)
     wait_for(photo)
     Photo.objects.filter(pk=photo.pk).update(
-        image_state=PENDING, image=None, image_digest="",
-        image_staged=png_bytes, image_changed=timezone.now() - timedelta(hours=1),
+        image_state=PENDING,
+        image=None,
+        image_digest="",
+        image_staged=png_bytes,
+        image_changed=timezone.now() - timedelta(hours=1),
     )
     result = encoding.sweep()
     assert result.requeued == 1
@@ -96,7 +101,8 @@ def test_sweeper_reenqueues_rows_whose_message_was_lost(celery_worker, png_bytes
 def test_sweeper_gives_up_after_the_attempt_cap(png_bytes):
     photo = Photo.objects.create(title="poison", image=png_bytes)
     Photo.objects.filter(pk=photo.pk).update(
-        image_attempts=3, image_changed=timezone.now() - timedelta(hours=1))
+        image_attempts=3, image_changed=timezone.now() - timedelta(hours=1)
+    )
     result = encoding.sweep()
     assert result.failed == 1
     photo.image.refresh()
@@ -107,8 +113,12 @@ def test_sweeper_gives_up_after_the_attempt_cap(png_bytes):
 def test_claim_past_the_attempt_cap_fails_the_row(png_bytes):
     photo = Photo.objects.create(title="cap", image=png_bytes)
     Photo.objects.filter(pk=photo.pk).update(image_attempts=3)
-    assert worker_tasks.encode.apply(
-        args=["demo.Photo", photo.pk, "image", str(photo.image_token)]).get() == "stale"
+    assert (
+        worker_tasks.encode.apply(
+            args=["demo.Photo", photo.pk, "image", str(photo.image_token)]
+        ).get()
+        == "stale"
+    )
     photo.image.refresh()
     assert photo.image.state == "failed" and "Gave up" in photo.image.error
 
@@ -150,11 +160,12 @@ p = Photo.objects.create(title="x", image={png_bytes!r})
 assert Photo.objects.get(pk=p.pk).image.state == "pending"
 import numpy as np
 from latentstore.latents import blob_digest, pack
-blob = pack(np.random.default_rng(0).normal(size=(4, 3, 5)).astype("float32"), autoencoder="default",
-            family="sd", fingerprint="0" * 16, scaling_factor=0.18215, shift_factor=0.0,
+z = np.random.default_rng(0).normal(size=(4, 3, 5)).astype("float32")
+blob = pack(z, autoencoder="default", family="sd", fingerprint="0" * 16,
+            scaling_factor=0.18215, shift_factor=0.0,
             width=40, height=24)
-Photo.objects.filter(pk=p.pk).update(image=blob, image_state="ready", image_digest=blob_digest(blob),
-                                     image_autoencoder="default")
+Photo.objects.filter(pk=p.pk).update(image=blob, image_state="ready",
+                                     image_digest=blob_digest(blob), image_autoencoder="default")
 q = Photo.objects.get(pk=p.pk)
 assert q.image.latents.shape == (4, 3, 5)
 assert q.image.decode(decoder="rgb").size == (40, 24)
@@ -162,9 +173,19 @@ assert q.image.preview(size=16).size == (16, 10)
 assert "torch" not in sys.modules and "diffusers" not in sys.modules, "torch was imported"
 print("NO-TORCH-OK")
 """
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings",
-           "LATENTSTORE_VAR_DIR": str(tmp_path), "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
-           "CELERY_BROKER_URL": "memory://"}
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "LATENTSTORE_VAR_DIR": str(tmp_path),
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "CELERY_BROKER_URL": "memory://",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "NO-TORCH-OK" in out.stdout, out.stderr

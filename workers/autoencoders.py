@@ -15,6 +15,7 @@ parent happened to load (it loads its own). Run GPU workers with ``--pool solo``
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import threading
@@ -161,7 +162,11 @@ def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
     device = _resolve_device(config.get("DEVICE"))
     dtype = _resolve_dtype(alias, config.get("DTYPE"), device)
     pretrained = config["PRETRAINED"]
-    kwargs: dict[str, Any] = {"use_safetensors": True}
+    kwargs: dict[str, Any] = {
+        "use_safetensors": True,
+        # Without accelerate, diffusers warns on every load that it falls back to this anyway.
+        "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None,
+    }
     if config.get("SUBFOLDER"):
         kwargs["subfolder"] = config["SUBFOLDER"]
     if config.get("REVISION"):

@@ -106,7 +106,8 @@ def decode_latents(
             f"cannot decode a {width}x{height} image from a {w}x{h} latent grid "
             f"(at most {w * d}x{h * d} pixels)"
         )
-    z = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).unsqueeze(0)
+    # A copy: stored latents are read-only arrays, and torch wants writable memory.
+    z = torch.from_numpy(np.array(arr, dtype=np.float32, order="C", copy=True)).unsqueeze(0)
     if not bool(torch.isfinite(z).all()):
         raise ValueError("latents contain NaN or infinity")
     with torch.inference_mode():

@@ -63,7 +63,7 @@ def encode(self, label: str, pk: Any, field_name: str, token: str) -> str:
     try:
         (latents,) = encode_images(ae, [picture])
     except NonFiniteLatents:
-        encoding.fail(claim, "The autoencoder produced non-finite latents (NaN/Inf) for this image.")
+        encoding.fail(claim, "The autoencoder produced non-finite latents (NaN/Inf).")
         return "failed"
 
     blob = pack(
@@ -87,8 +87,9 @@ def encode(self, label: str, pk: Any, field_name: str, token: str) -> str:
 
 
 @shared_task(name="latentstore.decode", bind=True, acks_late=True, ignore_result=True)
-def decode(self, label: str, pk: Any, field_name: str, alias: str, size: list[int],
-           format: str, key: str) -> str:
+def decode(
+    self, label: str, pk: Any, field_name: str, alias: str, size: list[int], format: str, key: str
+) -> str:
     """Decode one row with decoder ``alias`` and put the picture in the shared cache at ``key``."""
     from latentstore.decoding import get_cache, render
 

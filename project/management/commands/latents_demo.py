@@ -21,8 +21,14 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.test.utils import override_settings
 
-SAMPLES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
-           "page.png")
+SAMPLES = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "page.png",
+)
 SD_VAE = "stabilityai/sd-vae-ft-mse"
 
 
@@ -33,18 +39,33 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--size", type=int, default=256,
-                            help="Longest side of the sample images (default 256).")
-        parser.add_argument("--count", type=int, default=len(SAMPLES),
-                            help=f"How many sample images (at most {len(SAMPLES)}).")
-        parser.add_argument("--pretrained", default=None,
-                            help="Hub id or local save_pretrained directory of an SD VAE "
-                                 "(default: LATENTSTORE_PRETRAINED, else sd-vae-ft-mse if it is "
-                                 "in the local Hugging Face cache, else a seeded small model).")
-        parser.add_argument("--output", default=None,
-                            help="Where to write the contact sheet PNG (default var/demo/).")
-        parser.add_argument("--timeout", type=float, default=600,
-                            help="Seconds to wait for the worker (default 600).")
+        parser.add_argument(
+            "--size", type=int, default=256, help="Longest side of the sample images (default 256)."
+        )
+        parser.add_argument(
+            "--count",
+            type=int,
+            default=len(SAMPLES),
+            help=f"How many sample images (at most {len(SAMPLES)}).",
+        )
+        parser.add_argument(
+            "--pretrained",
+            default=None,
+            help="Hub id or local save_pretrained directory of an SD VAE "
+            "(default: LATENTSTORE_PRETRAINED, else sd-vae-ft-mse if it is "
+            "in the local Hugging Face cache, else a seeded small model).",
+        )
+        parser.add_argument(
+            "--output",
+            default=None,
+            help="Where to write the contact sheet PNG (default var/demo/).",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=600,
+            help="Seconds to wait for the worker (default 600).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         out_dir = Path(settings.VAR_DIR) / "demo"
@@ -54,12 +75,18 @@ class Command(BaseCommand):
 
         config = dict(settings.LATENTSTORE)
         config["AUTOENCODERS"] = {
-            "default": {**config["AUTOENCODERS"]["default"], "PRETRAINED": pretrained,
-                        "FAMILY": family}
+            "default": {
+                **config["AUTOENCODERS"]["default"],
+                "PRETRAINED": pretrained,
+                "FAMILY": family,
+            }
         }
-        env = {**os.environ, "LATENTSTORE_PRETRAINED": pretrained, "LATENTSTORE_FAMILY": family,
-               "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE",
-                                                        "project.settings")}
+        env = {
+            **os.environ,
+            "LATENTSTORE_PRETRAINED": pretrained,
+            "LATENTSTORE_FAMILY": family,
+            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "project.settings"),
+        }
         with override_settings(LATENTSTORE=config):
             self.prepare_transport()
             call_command("migrate", verbosity=0)
@@ -75,22 +102,31 @@ class Command(BaseCommand):
         requested = requested or os.environ.get("LATENTSTORE_PRETRAINED")
         if requested:
             if Path(requested).is_dir() or _in_hf_cache(requested):
-                return requested, os.environ.get("LATENTSTORE_FAMILY", "sd"), (
-                    f"Autoencoder: {requested}")
-            raise CommandError(f"{requested!r} is neither a local directory nor in the local "
-                               "Hugging Face cache (this machine cannot download weights).")
+                return (
+                    requested,
+                    os.environ.get("LATENTSTORE_FAMILY", "sd"),
+                    (f"Autoencoder: {requested}"),
+                )
+            raise CommandError(
+                f"{requested!r} is neither a local directory nor in the local "
+                "Hugging Face cache (this machine cannot download weights)."
+            )
         if _in_hf_cache(SD_VAE):
             os.environ["HF_HUB_OFFLINE"] = "1"
             return SD_VAE, "sd", f"Autoencoder: {SD_VAE} (from the local Hugging Face cache)"
         seeded = out_dir / "seeded-vae"
         if not (seeded / "config.json").exists():
             _save_seeded_vae(seeded)
-        return str(seeded), "sd", (
-            f"No pretrained SD VAE weights on disk ({SD_VAE} is not in the local Hugging Face "
-            "cache, and this machine cannot download it).\nUsing a seeded small AutoencoderKL "
-            f"of the real architecture with RANDOM weights ({seeded}): the decoded pictures "
-            "will be noise. Point LATENTSTORE_PRETRAINED at real weights to see real "
-            "reconstructions."
+        return (
+            str(seeded),
+            "sd",
+            (
+                f"No pretrained SD VAE weights on disk ({SD_VAE} is not in the local Hugging Face "
+                "cache, and this machine cannot download it).\nUsing a seeded small AutoencoderKL "
+                f"of the real architecture with RANDOM weights ({seeded}): the decoded pictures "
+                "will be noise. Point LATENTSTORE_PRETRAINED at real weights to see real "
+                "reconstructions."
+            ),
         )
 
     def prepare_transport(self) -> None:
@@ -100,10 +136,24 @@ class Command(BaseCommand):
                 Path(options[key]).mkdir(parents=True, exist_ok=True)
 
     def start_worker(self, env: dict[str, str]) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "solo",
-               "-Q", "latents.encode,latents.decode", "--loglevel=WARNING",
-               "--without-heartbeat", "--without-mingle", "--without-gossip",
-               "-n", f"demo-{os.getpid()}@%h"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "project",
+            "worker",
+            "-P",
+            "solo",
+            "-Q",
+            "latents.encode,latents.decode",
+            "--loglevel=WARNING",
+            "--without-heartbeat",
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"demo-{os.getpid()}@%h",
+        ]
         self.stdout.write(f"Starting a Celery worker: {' '.join(cmd[1:])}")
         return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR)
 
@@ -131,24 +181,36 @@ class Command(BaseCommand):
             picture.save(buf, format="PNG")
             started = time.time()
             photo = Photo.objects.create(title=f"sample:{name}", image=buf.getvalue())
-            rows.append({"name": name, "photo": photo, "original": picture, "saved": started,
-                         "png": len(buf.getvalue()), "jpeg": _jpeg_size(picture)})
+            rows.append(
+                {
+                    "name": name,
+                    "photo": photo,
+                    "original": picture,
+                    "saved": started,
+                    "png": len(buf.getvalue()),
+                    "jpeg": _jpeg_size(picture),
+                }
+            )
         self.stdout.write(f"Saved {len(rows)} photos; waiting for the worker to encode them ...")
 
         deadline = time.monotonic() + options["timeout"]
         pending = list(rows)
         while pending:
             if time.monotonic() > deadline:
-                raise CommandError(f"The worker did not finish {len(pending)} photos within "
-                                   f"{options['timeout']} s.")
+                raise CommandError(
+                    f"The worker did not finish {len(pending)} photos within "
+                    f"{options['timeout']} s."
+                )
             for row in list(pending):
                 image = row["photo"].image.refresh()
                 if image.state in ("ready", "failed"):
-                    row["encode_s"] = (row["photo"].image_changed.timestamp() - row["saved"])
+                    row["encode_s"] = row["photo"].image_changed.timestamp() - row["saved"]
                     pending.remove(row)
-                    self.stdout.write(f"  {row['name']}: {image.state} "
-                                      f"({row['encode_s']:.2f} s after save)"
-                                      + (f": {image.error}" if image.error else ""))
+                    self.stdout.write(
+                        f"  {row['name']}: {image.state} "
+                        f"({row['encode_s']:.2f} s after save)"
+                        + (f": {image.error}" if image.error else "")
+                    )
             time.sleep(0.1)
 
         for row in rows:
@@ -182,8 +244,10 @@ class Command(BaseCommand):
         photo.delete()
 
     def report(self, rows: list[dict[str, Any]], options: dict[str, Any], out_dir: Path) -> None:
-        header = (f"{'image':<22}{'size':>10}{'latents':>18}{'blob B':>9}{'PNG B':>9}"
-                  f"{'JPEG90 B':>10}{'encode s':>10}{'decode s':>10}{'preview ms':>12}")
+        header = (
+            f"{'image':<22}{'size':>10}{'latents':>18}{'blob B':>9}{'PNG B':>9}"
+            f"{'JPEG90 B':>10}{'encode s':>10}{'decode s':>10}{'preview ms':>12}"
+        )
         self.stdout.write("")
         self.stdout.write(header)
         self.stdout.write("-" * len(header))
@@ -206,9 +270,11 @@ class Command(BaseCommand):
                 f"{total['jpeg']:>10}"
             )
         db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
-        self.stdout.write(f"\nDatabase: {db}; broker: {settings.CELERY_BROKER_URL.split('://')[0]}; "
-                          f"encode s = save until the worker's write-back; decode s = the "
-                          f"default decoder in this process (cold, then cached).")
+        self.stdout.write(
+            f"\nDatabase: {db}; broker: {settings.CELERY_BROKER_URL.split('://')[0]}; "
+            f"encode s = save until the worker's write-back; decode s = the "
+            f"default decoder in this process (cold, then cached)."
+        )
         self.stdout.write(f"Contact sheet (original | decoded | preview): {self.sheet_path}")
         failed = len(rows) - len(done)
         if failed:
@@ -233,10 +299,16 @@ def _save_seeded_vae(path: Path) -> None:
 
     torch.manual_seed(0)
     model = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32,
-        sample_size=256, scaling_factor=0.18215,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=256,
+        scaling_factor=0.18215,
     )
     model.save_pretrained(path, safe_serialization=True)
 
@@ -247,8 +319,9 @@ def _load_samples(count: int, size: int) -> list[tuple[str, Any]]:
     try:
         import skimage
     except ImportError as exc:
-        raise CommandError("The demo's sample photos come from scikit-image: "
-                           "pip install scikit-image") from exc
+        raise CommandError(
+            "The demo's sample photos come from scikit-image: pip install scikit-image"
+        ) from exc
     data_dir = Path(skimage.__file__).parent / "data"
     samples = []
     for name in SAMPLES[:count]:
