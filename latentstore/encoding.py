@@ -62,7 +62,7 @@ def enqueue_encode(label: str, pk: Any, field_name: str, token: uuid.UUID | str)
         )
     except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
         logger.warning(
-            "Could not enqueue the encode of %s pk=%s (%s); the sweeper will retry: %s",
+            "Could not enqueue the encode of %s pk=%s (%s, token %s); the sweeper will retry: %s",
             label,
             pk,
             field_name,

@@ -132,6 +132,7 @@ def _companions(owner: str) -> dict[str, models.Field]:
 
 #: Suffixes of the companion columns (``<field>_<suffix>``).
 COMPANIONS: tuple[str, ...] = tuple(_companions("x"))
+_COMPANION_DEFAULTS: dict[str, Any] = {k: f.get_default() for k, f in _companions("x").items()}
 
 
 def _dirty(instance: models.Model) -> set[str]:
@@ -450,6 +451,9 @@ class LatentImage:
 
     def original_bytes(self) -> bytes | None:
         """The original upload: staged bytes while not yet encoded, or the kept original."""
+        pending = self.instance.__dict__.get(self.field.attname)
+        if isinstance(pending, StagedUpload):  # assigned, not saved yet
+            return pending.data
         attname = self.field.companion_attname("staged")
         staged = self.instance.__dict__.get(attname, _MISSING)
         if staged is _MISSING:
@@ -521,11 +525,17 @@ class LatentImageDescriptor:
             value = original
         if value is None or value == "" or value is False:
             # Model.__init__ assigns the default (None) to new objects: that is a clear too.
-            instance.__dict__[attname] = _CLEAR
+            staged: Any = _CLEAR
         elif isinstance(value, StagedUpload):
-            instance.__dict__[attname] = value
+            staged = value
         else:
-            instance.__dict__[attname] = stage(value)
+            staged = stage(value)
+        instance.__dict__[attname] = staged
+        # save() rewrites every companion column. On an object loaded with some of them
+        # deferred (without_blobs() defers the staged original), Django would save only the
+        # loaded columns and the new upload would be lost: mark them loaded, pre_save fills them.
+        for suffix, default in _COMPANION_DEFAULTS.items():
+            instance.__dict__.setdefault(self.field.companion_attname(suffix), default)
         _dirty(instance).add(self.field.name)
 
 

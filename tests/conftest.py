@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from django.conf import settings as django_settings
 
@@ -104,10 +106,14 @@ def celery_worker(transactional_db):
     """A real Celery worker (solo pool, in a thread) consuming the encode and decode queues."""
     if not django_settings.REDIS_AVAILABLE:
         pytest.skip("Redis is not reachable on 127.0.0.1:6379 (the broker of the worker tests)")
+    import logging
+
     from celery.contrib.testing.worker import start_worker
 
     from project.celery import app
 
+    # The test worker sets the root logger to ERROR; later tests' caplog must still see warnings.
+    root_level = logging.getLogger().level
     with start_worker(
         app,
         pool="solo",
@@ -116,3 +122,27 @@ def celery_worker(transactional_db):
         shutdown_timeout=30,
     ) as worker:
         yield worker
+    logging.getLogger().setLevel(root_level)
+
+
+@contextlib.contextmanager
+def broker_unreachable(url: str = "redis://127.0.0.1:1/0"):
+    """Point the project's Celery app at a port where nothing listens, connection pools included.
+
+    Changing ``broker_url`` alone is not enough: the app keeps pooled connections to the broker
+    it used before, and a send would quietly go through them.
+    """
+    from project.celery import app
+
+    def reset_pools() -> None:
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    old = app.conf.broker_url
+    app.conf.broker_url = url
+    reset_pools()
+    try:
+        yield app
+    finally:
+        app.conf.broker_url = old
+        reset_pools()
