@@ -149,6 +149,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "store_processed": False,
         "polling_interval": 0.1,
     }
+elif os.environ.get("CELERY_BROKER_KEYPREFIX"):
+    # Several projects (or test runs) can share one Redis without taking each other's messages.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": os.environ["CELERY_BROKER_KEYPREFIX"]}
 
 # The sweeper re-enqueues rows whose message was lost (run `celery -A project beat`).
 CELERY_BEAT_SCHEDULE = {

@@ -22,7 +22,12 @@ def run_demo(tmp_path: Path, **env_overrides: str) -> subprocess.CompletedProces
         "LATENTSTORE_VAR_DIR": str(tmp_path / "var"),
         **env_overrides,
     }
-    for key in ("DATABASE_URL", "CELERY_BROKER_URL", "LATENTSTORE_PRETRAINED"):
+    for key in (
+        "DATABASE_URL",
+        "CELERY_BROKER_URL",
+        "CELERY_BROKER_KEYPREFIX",
+        "LATENTSTORE_PRETRAINED",
+    ):
         if key not in env_overrides:
             env.pop(key, None)
     return subprocess.run(
@@ -67,6 +72,7 @@ def test_demo_on_postgresql_and_redis(tmp_path):
             tmp_path,
             DATABASE_URL=f"postgresql://postgres@127.0.0.1/{name}",
             CELERY_BROKER_URL="redis://127.0.0.1:6379/14",
+            CELERY_BROKER_KEYPREFIX=f"{name}:",
         )
         check_output(out, tmp_path, "postgresql", "redis")
     finally:
