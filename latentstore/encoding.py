@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -71,6 +71,17 @@ def enqueue_encode(label: str, pk: Any, field_name: str, token: uuid.UUID | str)
         )
         return False
     return True
+
+
+def enqueue_encode_batch(
+    label: str, field_name: str, items: Sequence[tuple[Any, uuid.UUID | str]]
+) -> int:
+    """Enqueue the encode of many ``(pk, token)`` rows of one field; returns how many were sent.
+
+    The bulk entry point for commands, the sweeper and bulk saves. Rows whose message cannot be
+    sent stay pending in the database and are picked up by the sweeper.
+    """
+    return sum(bool(enqueue_encode(label, pk, field_name, token)) for pk, token in items)
 
 
 @dataclass(frozen=True)

@@ -188,3 +188,21 @@ print("NO-TORCH-OK")
         timeout=120,
     )
     assert "NO-TORCH-OK" in out.stdout, out.stderr
+
+
+def test_enqueue_encode_batch_sends_pointers_for_every_row(broker, png_bytes):
+    photos = [Photo.objects.create(title=f"b{i}", image=png_bytes) for i in range(3)]
+    broker("latents.encode")  # the saves' own messages
+    sent = encoding.enqueue_encode_batch(
+        "demo.Photo", "image", [(p.pk, p.image_token) for p in photos]
+    )
+    assert sent == 3
+    pointers = {tuple(args) for _name, args, _m in broker("latents.encode")}
+    assert pointers == {("demo.Photo", p.pk, "image", str(p.image_token)) for p in photos}
+
+
+def test_enqueue_encode_batch_counts_what_could_not_be_sent(png_bytes):
+    photo = Photo.objects.create(title="x", image=png_bytes)
+    with broker_unreachable():
+        items = [(photo.pk, photo.image_token)]
+        assert encoding.enqueue_encode_batch("demo.Photo", "image", items) == 0
