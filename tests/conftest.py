@@ -7,7 +7,10 @@ import contextlib
 import pytest
 from django.conf import settings as django_settings
 
+from tests.robustness import Report
 from tests.tiny import image_bytes, make_test_image, save_tiny_autoencoder
+
+_REPORT = Report()
 
 requires_postgres = pytest.mark.skipif(
     not django_settings.POSTGRES_AVAILABLE,
@@ -146,3 +149,30 @@ def broker_unreachable(url: str = "redis://127.0.0.1:1/0"):
     finally:
         app.conf.broker_url = old
         reset_pools()
+
+
+@pytest.fixture
+def robustness():
+    """Records what a fault or bad-input test did to its rows, for the README's report."""
+    return _REPORT
+
+
+def pytest_collection_modifyitems(session, config, items):
+    from tests.corpus import CASES
+
+    names = {item.nodeid for item in items}
+    corpus_selected = all(
+        any(case.name in nodeid and "test_bad_inputs" in nodeid for nodeid in names)
+        for case in CASES
+    )
+    _REPORT.expected_inputs = {c.name for c in CASES} if corpus_selected else set()
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:  # any failure: the README keeps its last complete report
+        _REPORT.failed_tests += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _REPORT.entries:
+        _REPORT.write()
