@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.apps import apps
 from django.core import checks
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
@@ -85,17 +86,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                     hint="Use 'local' or 'worker'.",
                 )
             )
-        if not backend.startswith("workers."):
-            # The web tier must be able to import its own backends (worker ones load torch).
-            try:
-                import_string(backend)
-            except ImportError as exc:
-                errors.append(
-                    checks.Error(
-                        f"Decoder {alias!r}: cannot import {backend!r}: {exc}",
-                        id="latentstore.E012",
-                    )
-                )
+        errors.extend(_check_backend(alias, backend, options, autoencoders, errors))
         if options.get("RUN") == "worker":
             try:
                 cache = caches[settings["CACHE"]]
@@ -149,4 +140,123 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 "accept_content/task_serializer.",
             )
         )
+    return errors
+
+
+def _build(alias: str, cfg: dict[str, Any]) -> Any:
+    """The backend of decoder ``alias`` built as the registry would, or None if it cannot be."""
+    try:
+        return import_string(cfg["BACKEND"])(alias, **(cfg.get("OPTIONS") or {}))
+    except Exception:
+        return None
+
+
+def _check_backend(
+    alias: str,
+    backend: str,
+    options: dict[str, Any],
+    autoencoders: dict[str, Any],
+    reported: list[checks.CheckMessage],
+) -> list[checks.CheckMessage]:
+    """Import and build one decoder as the registry would; check what it reads."""
+    from latentstore.decoders import DecoderConfigError
+
+    try:
+        backend_cls = import_string(backend)
+    except ImportError as exc:
+        if backend.startswith("workers."):
+            return []  # a worker-only module may need torch, which a web host may lack
+        message = f"Decoder {alias!r}: cannot import {backend!r}: {exc}"
+        return [checks.Error(message, id="latentstore.E012")]
+    try:
+        instance = backend_cls(alias, **options)
+    except DecoderConfigError as exc:
+        already = {(e.id, e.msg) for e in reported}
+        if exc.check_id in ("latentstore.E008", "latentstore.E009") and any(
+            e_id == exc.check_id and repr(alias) in msg for e_id, msg in already
+        ):
+            return []  # said already by the generic check above
+        return [checks.Error(str(exc), hint=exc.hint, id=exc.check_id)]
+    except Exception as exc:
+        return [
+            checks.Error(
+                f"Decoder {alias!r} ({backend}) cannot be built from its OPTIONS: "
+                f"{type(exc).__name__}: {exc}",
+                id="latentstore.E020",
+            )
+        ]
+    target = options.get("autoencoder")
+    families = instance.readable_families()
+    family = autoencoders.get(target, {}).get("FAMILY") if target is not None else None
+    if family is not None and families is not None and family not in families:
+        return [
+            checks.Error(
+                f"Decoder {alias!r} is configured for autoencoder {target!r}, whose {family!r} "
+                f"latents it cannot read (it reads {', '.join(map(repr, families)) or 'none'}).",
+                id="latentstore.E022",
+                hint="Point it at an autoencoder of a family it reads, or use another backend.",
+            )
+        ]
+    return []
+
+
+@checks.register("latentstore", checks.Tags.models)
+def check_fields(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Each LatentImageField names a configured autoencoder and a decoder that can read it."""
+    from latentstore.decoders import DecoderHandler
+    from latentstore.fields import LatentImageField
+
+    try:
+        settings = conf.get_settings()
+    except Exception:
+        return []  # check_settings reports it
+    autoencoders = settings["AUTOENCODERS"]
+    handler = DecoderHandler()
+    configs = app_configs or apps.get_app_configs()
+    built: dict[str, Any] = {}
+    errors: list[checks.CheckMessage] = []
+    for app_config in configs:
+        for model in app_config.get_models():
+            for field in model._meta.local_fields:
+                if not isinstance(field, LatentImageField):
+                    continue
+                ae = autoencoders.get(field.autoencoder)
+                if ae is None:
+                    errors.append(
+                        checks.Error(
+                            f"autoencoder={field.autoencoder!r} is not in "
+                            "LATENTSTORE['AUTOENCODERS'].",
+                            obj=field,
+                            id="latentstore.E025",
+                            hint=f"Configured autoencoders: {', '.join(sorted(autoencoders))}.",
+                        )
+                    )
+                if field.decoder not in handler.settings:
+                    errors.append(
+                        checks.Error(
+                            f"decoder={field.decoder!r} is not in LATENTSTORE['DECODERS'].",
+                            obj=field,
+                            id="latentstore.E026",
+                            hint=f"Configured decoders: {', '.join(handler.settings)}.",
+                        )
+                    )
+                    continue
+                if ae is None:
+                    continue
+                if field.decoder not in built:
+                    built[field.decoder] = _build(field.decoder, handler.settings[field.decoder])
+                backend = built[field.decoder]
+                families = backend.readable_families() if backend is not None else None
+                if families is not None and ae.get("FAMILY") not in families:
+                    errors.append(
+                        checks.Error(
+                            f"decoder={field.decoder!r} reads "
+                            f"{', '.join(map(repr, families)) or 'no'} latents, but "
+                            f"autoencoder={field.autoencoder!r} writes {ae.get('FAMILY')!r} "
+                            "latents.",
+                            obj=field,
+                            id="latentstore.E022",
+                            hint="Choose a decoder that reads the autoencoder's family.",
+                        )
+                    )
     return errors

@@ -53,6 +53,9 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_SECONDS": 600,  # a pending/encoding row older than this is re-enqueued by the sweeper
     "MAX_ATTEMPTS": 3,  # encode attempts before a row is marked failed
     "DECODE_TIMEOUT": 120,  # seconds decode() waits for a worker-side decode
+    # Concurrent misses for one picture decode it once: the first takes a lock in the cache for
+    # this long; the others wait up to as long for its result, then decode it themselves.
+    "DECODE_LOCK_TIMEOUT": 60,
 }
 
 

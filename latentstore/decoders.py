@@ -5,8 +5,9 @@ It follows Django's ``StorageHandler``. With only ``AUTOENCODERS`` configured it
 model-free latent→RGB projection). Backends are imported on first use, so the web tier loads
 torch only if it decodes with a torch backend locally.
 
-A backend subclasses :class:`BaseDecoder` and implements :meth:`BaseDecoder.decode`; it refuses
-latents it cannot read by raising :class:`IncompatibleLatents` from :meth:`BaseDecoder.check`.
+A backend subclasses :class:`BaseDecoder` and implements :meth:`BaseDecoder.decode`; it says which
+latent families it reads (:attr:`BaseDecoder.families`) and refuses latents it cannot read by
+raising :class:`IncompatibleLatents` from :meth:`BaseDecoder.check`, naming the decoders that can.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
@@ -45,34 +47,112 @@ class InvalidDecoderError(KeyError):
         return str(self.args[0])
 
 
+class DecoderConfigError(ImproperlyConfigured):
+    """A decoder's ``BACKEND``/``OPTIONS`` cannot work (raised when it is built).
+
+    ``manage.py check`` builds every configured decoder and reports this error under
+    ``check_id`` with ``hint``, so a bad configuration shows up at deploy time, not at the first
+    decode.
+    """
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, check_id: str = "latentstore.E020"
+    ) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.check_id = check_id
+
+
 class IncompatibleLatents(ValueError):
-    """A decoder was asked to read latents it cannot read (another family or weights)."""
+    """A decoder was asked to read latents it cannot read (another family or weights).
+
+    The message names the decoder, what it reads, the latents' origin and the configured
+    decoders that can read them (also in ``able``).
+    """
+
+    def __init__(self, message: str, *, able: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.able = list(able or ())
 
 
 class BaseDecoder:
     """Base class for decoder backends (configure them in ``LATENTSTORE["DECODERS"]``).
 
-    ``OPTIONS`` arrive as keyword arguments. The common option ``RUN`` is ``"local"`` (decode in
-    the calling process) or ``"worker"`` (send a decode task and wait for its result in the
-    cache). Subclasses implement :meth:`decode` and usually :meth:`check`.
+    ``LATENTSTORE["DECODERS"][alias] = {"BACKEND": "dotted.path.ToIt", "OPTIONS": {...}}``; the
+    registry builds one instance per alias and process: ``cls(alias, **OPTIONS)``. The common
+    option ``RUN`` is ``"local"`` (decode in the calling process) or ``"worker"`` (send a decode
+    task and wait for its result in the shared cache).
+
+    A subclass:
+
+    - implements :meth:`decode` (raw latents as stored → an RGB image of the original size, the
+      encode-time padding cropped off);
+    - sets :attr:`families` (or overrides :meth:`readable_families`) to the latent families it
+      reads, and overrides :meth:`check` to refuse anything else it cannot read, with
+      :meth:`incompatible`;
+    - keeps ``__init__`` cheap: instances are built by ``manage.py check`` and for cache keys,
+      in the web tier; load models lazily in :meth:`decode` (and raise
+      :class:`DecoderConfigError` from ``__init__`` for options that cannot work);
+    - overrides :meth:`fingerprint` if its output depends on more than its class and options
+      (weights on disk, say);
+    - is thread-safe: one instance serves every thread of a process.
     """
 
     #: Model families this backend reads; None means any.
     families: tuple[str, ...] | None = None
+    #: Concurrent misses for the same picture wait for one decode (a short cache lock). Off for
+    #: decoders so cheap that the lock's round trips would cost more than decoding twice.
+    single_flight: bool = True
 
     def __init__(self, alias: str, RUN: str = RUN_LOCAL, **options: Any) -> None:
+        if RUN not in (RUN_LOCAL, RUN_WORKER):
+            raise DecoderConfigError(
+                f"Decoder {alias!r} has RUN={RUN!r}.",
+                hint="Use 'local' or 'worker'.",
+                check_id="latentstore.E009",
+            )
         self.alias = alias
         self.run = RUN
         self.options = options
 
+    def readable_families(self) -> tuple[str, ...] | None:
+        """The latent families this decoder reads (None: any), known without loading a model."""
+        return self.families
+
+    def can_read(self, header: LatentHeader) -> bool:
+        """A cheap answer (no model load) to "would :meth:`check` accept these latents?".
+
+        Used to list, in a refusal, the decoders that can read the latents instead.
+        """
+        families = self.readable_families()
+        return families is None or header.family in families
+
     def check(self, header: LatentHeader) -> None:
         """Raise :class:`IncompatibleLatents` when these latents cannot be read by this decoder."""
-        if self.families is not None and header.family not in self.families:
-            raise IncompatibleLatents(
-                f"Decoder {self.alias!r} reads {', '.join(self.families)} latents, but these are "
-                f"{header.family!r} latents from autoencoder {header.autoencoder!r}"
-                f"{_who_can(header)}."
-            )
+        families = self.readable_families()
+        if families is not None and header.family not in families:
+            raise self.incompatible(header, f"reads {', '.join(map(repr, families))} latents")
+
+    def incompatible(
+        self, header: LatentHeader, what: str, hint: str | None = None
+    ) -> IncompatibleLatents:
+        """The refusal to raise from :meth:`check`: ``what`` says what this decoder reads.
+
+        The message names this decoder and what it reads, the latents' family, weights and
+        autoencoder, and the configured decoders that can read them.
+        """
+        able = _who_can(header, exclude=self.alias)
+        if able:
+            who = f"decoders that can read them: {', '.join(able)}"
+        else:
+            who = "no configured decoder can read them"
+        return IncompatibleLatents(
+            f"Decoder {self.alias!r} {what}, but these are {header.family!r} latents "
+            f"(weights {header.fingerprint}) from autoencoder {header.autoencoder!r}; {who}"
+            + (f" ({hint})" if hint else "")
+            + ".",
+            able=able,
+        )
 
     def fingerprint(self, autoencoder: str) -> str:
         """A cheap identity of what this decoder produces for latents of ``autoencoder`` (alias).
@@ -90,32 +170,49 @@ class BaseDecoder:
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
-        """Return an RGB image of the original size (``header.width`` × ``header.height``)."""
+        """Return an RGB image of the original size (``header.width`` × ``header.height``).
+
+        ``latents`` are raw (the autoencoder's ``latent_dist.mean``, as stored, float32,
+        read-only); ``header`` says where they come from, their scaling/shift and padding.
+        """
         raise NotImplementedError
 
 
-def _who_can(header: LatentHeader) -> str:
+def _who_can(header: LatentHeader, exclude: str | None = None) -> list[str]:
     able = []
     for alias in decoders.aliases():
+        if alias == exclude:
+            continue
         try:
-            backend = decoders[alias]
+            if decoders[alias].can_read(header):
+                able.append(alias)
         except Exception:  # a broken alias must not hide the answer about the others
             continue
-        if backend.families is None or header.family in backend.families:
-            able.append(alias)
-    return f"; decoders that can: {', '.join(able)}" if able else ""
+    return able
 
 
 class LatentRGBDecoder(BaseDecoder):
-    """The instant linear latent→RGB projection (a 3×C matrix per family): no model, no torch."""
+    """The instant linear latent→RGB projection (a C×3 matrix per family): no model, no torch."""
+
+    single_flight = False  # ~1 ms: cheaper than a lock's round trips to a shared cache
+
+    def readable_families(self) -> tuple[str, ...]:
+        from latentstore.families import FAMILIES
+
+        return tuple(FAMILIES)
+
+    def can_read(self, header: LatentHeader) -> bool:
+        from latentstore.families import FAMILIES
+
+        family = FAMILIES.get(header.family)
+        return family is not None and family.channels == header.shape[0]
 
     def check(self, header: LatentHeader) -> None:
-        from latentstore.families import UnknownFamily, get_family
+        from latentstore.families import FAMILIES
 
-        try:
-            family = get_family(header.family)
-        except UnknownFamily as exc:
-            raise IncompatibleLatents(str(exc)) from None
+        family = FAMILIES.get(header.family)
+        if family is None:
+            raise self.incompatible(header, f"reads {', '.join(map(repr, FAMILIES))} latents")
         if family.channels != header.shape[0]:
             raise IncompatibleLatents(
                 f"Decoder {self.alias!r}: family {header.family!r} has {family.channels} "
@@ -125,13 +222,16 @@ class LatentRGBDecoder(BaseDecoder):
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
         from latentstore.preview import latents_to_rgb
 
-        return latents_to_rgb(
-            latents,
-            header.family,
-            header.scaling_factor,
-            header.shift_factor,
-            size=(header.width, header.height),
+        # Project the whole padded grid at full size and crop the padding off, as the model
+        # decoders do; stretching the grid onto the original size would shift it by up to a cell.
+        c, h, w = latents.shape
+        grid = (w * header.downsample, h * header.downsample)
+        picture = latents_to_rgb(
+            latents, header.family, header.scaling_factor, header.shift_factor, size=grid
         )
+        if grid != (header.width, header.height):
+            picture = picture.crop((0, 0, header.width, header.height))
+        return picture
 
 
 def weights_signature(pretrained: str) -> str:

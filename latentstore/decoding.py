@@ -8,7 +8,11 @@ and a re-encoded row (new digest) can never be served an old picture.
 from __future__ import annotations
 
 import io
+import logging
+import math
+import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from django.core.cache import caches
@@ -20,6 +24,8 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
     from latentstore.fields import LatentImage
+
+logger = logging.getLogger(__name__)
 
 KEY_VERSION = "v1"
 FORMATS = {"PNG": "PNG", "WEBP": "WEBP", "JPEG": "JPEG", "JPG": "JPEG"}
@@ -106,11 +112,57 @@ def decode_bytes(image: LatentImage, alias: str, size: Any = None, format: str =
     data = cache.get(key)
     if data is not None:
         return data
-    if decoders[alias].run == RUN_WORKER:
-        return _decode_on_worker(image, alias, target, format, key)
-    data = render(image, alias, target, format)
-    cache.set(key, data, conf.get_settings()["CACHE_TIMEOUT"])
-    return data
+    backend = decoders[alias]
+
+    def compute() -> bytes:
+        if backend.run == RUN_WORKER:
+            return _decode_on_worker(image, alias, target, format, key)
+        data = render(image, alias, target, format)
+        cache.set(key, data, conf.get_settings()["CACHE_TIMEOUT"])
+        return data
+
+    if not backend.single_flight:
+        return compute()
+    settings = conf.get_settings()
+    wait = settings["DECODE_LOCK_TIMEOUT"]
+    if backend.run == RUN_WORKER:  # the lock must outlive the holder's wait for the worker
+        wait = max(wait, settings["DECODE_TIMEOUT"])
+    return _single_flight(cache, key, compute, wait)
+
+
+def _single_flight(cache: Any, key: str, compute: Callable[[], bytes], wait: float) -> bytes:
+    """``compute()`` once for concurrent misses of ``key``, across threads and processes.
+
+    The first caller takes a short lock in the cache (``cache.add``: atomic in every Django
+    cache backend) and computes; the others poll the cache for its result. A waiter that sees
+    the lock go without a result (the decode failed) takes the lock and tries itself; one that
+    waits past ``wait`` seconds computes without the lock rather than fail. The lock is
+    released however the computation ends, and expires after ``wait`` if its process dies.
+    """
+    timeout = max(1, math.ceil(wait))
+    lock_key = key + ":lock"
+    # An int, which Django's Redis cache stores as is (other values it pickles).
+    token = secrets.randbits(62) + 1
+    deadline = time.monotonic() + wait
+    delay = 0.005
+    while True:
+        if cache.add(lock_key, token, timeout):
+            try:
+                data = cache.get(key)  # finished by another caller since our miss?
+                return data if data is not None else compute()
+            finally:
+                if cache.get(lock_key) == token:  # not if it expired and another took it
+                    cache.delete(lock_key)
+        data = cache.get(key)
+        if data is not None:
+            return data
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "Waited %s s for another process to decode %s; decoding it here", wait, key
+            )
+            return compute()
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.1)
 
 
 def decode_image(image: LatentImage, alias: str, size: Any = None, format: str = "PNG"):
@@ -136,6 +188,9 @@ def _decode_on_worker(
 
     settings = conf.get_settings()
     instance = image.instance
+    error_key = key + ":error"
+    cache = get_cache()
+    cache.delete(error_key)  # a failure left by an earlier attempt is not this one's answer
     current_app.send_task(
         settings["DECODE_TASK"],
         args=[
@@ -149,10 +204,8 @@ def _decode_on_worker(
         ],
         queue=settings["DECODE_QUEUE"],
     )
-    cache = get_cache()
     deadline = time.monotonic() + settings["DECODE_TIMEOUT"]
     delay = 0.01
-    error_key = key + ":error"
     while time.monotonic() < deadline:
         found = cache.get_many([key, error_key])
         if key in found:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["FAMILIES", "Family", "UnknownFamily", "get_family"]
+__all__ = ["FAMILIES", "Family", "UnknownFamily", "family_of_taesd", "get_family"]
 
 RGB = tuple[float, float, float]
 
@@ -37,6 +37,8 @@ class Family:
     shift_factor: float
     rgb_factors: tuple[RGB, ...]  # channels x 3, applied to model-space latents
     rgb_bias: RGB
+    #: Hub id of the TAESD (``AutoencoderTiny``) distilled for this latent space, if any.
+    taesd: str | None = None
 
     def __post_init__(self) -> None:
         # A wrong-sized table would only show up as a numpy broadcast error deep in a preview.
@@ -67,6 +69,7 @@ _SD = Family(
         (-0.2120, -0.2616, -0.7177),
     ),
     rgb_bias=(0.0, 0.0, 0.0),
+    taesd="madebyollin/taesd",
 )
 
 # ComfyUI: SDXL.
@@ -82,6 +85,7 @@ _SDXL = Family(
         (-0.3165, -0.2492, -0.2188),
     ),
     rgb_bias=(0.1084, -0.0175, -0.0011),
+    taesd="madebyollin/taesdxl",
 )
 
 # ComfyUI: SD3 (16-channel VAE with a shift).
@@ -109,6 +113,7 @@ _SD3 = Family(
         (-0.1448, -0.1463, -0.1189),
     ),
     rgb_bias=(0.2394, 0.2135, 0.1925),
+    taesd="madebyollin/taesd3",
 )
 
 # ComfyUI: Flux (FLUX.1 VAE; 16 channels, different latent space from SD3's).
@@ -136,10 +141,16 @@ _FLUX = Family(
         (-0.1262, -0.0982, -0.0778),
     ),
     rgb_bias=(-0.0329, -0.0718, -0.0851),
+    taesd="madebyollin/taef1",
 )
 
+# Adding a family: define one more ``Family`` above (its channel count, the scaling/shift its
+# autoencoder's config declares, the RGB projection, its TAESD if there is one) and list it here;
+# every decoder, the preview and the system checks pick it up from this table.
+_ALL = (_SD, _SDXL, _SD3, _FLUX)
+
 # Read-only: a module-level registry that tests or apps could mutate would leak between them.
-FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (_SD, _SDXL, _SD3, _FLUX)})
+FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in _ALL})
 
 
 def get_family(name: str) -> Family:
@@ -150,3 +161,16 @@ def get_family(name: str) -> Family:
         raise UnknownFamily(
             f"unknown latent family {name!r}; known families: {', '.join(sorted(FAMILIES))}"
         ) from None
+
+
+def family_of_taesd(pretrained: str) -> str | None:
+    """The family whose TAESD ``pretrained`` names, or None when the name does not say.
+
+    ``pretrained`` is a hub id (``madebyollin/taesdxl``) or a local directory whose last path
+    component is such a name (``/models/taesdxl``).
+    """
+    name = str(pretrained).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+    for family in FAMILIES.values():
+        if family.taesd and family.taesd.rsplit("/", 1)[-1].lower() == name:
+            return family.name
+    return None

@@ -17,7 +17,14 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["image_bytes", "make_test_image", "save_tiny_autoencoder", "tiny_autoencoder_config"]
+__all__ = [
+    "image_bytes",
+    "make_test_image",
+    "save_tiny_autoencoder",
+    "save_tiny_consistency_decoder",
+    "save_tiny_taesd",
+    "tiny_autoencoder_config",
+]
 
 
 def tiny_autoencoder_config(
@@ -74,6 +81,67 @@ def save_tiny_autoencoder(
     )
     torch.manual_seed(seed)
     model = AutoencoderKL(**config)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_taesd(
+    path: str | pathlib.Path, *, seed: int = 0, latent_channels: int = 4
+) -> pathlib.Path:
+    """A seeded tiny ``AutoencoderTiny`` (TAESD's class; 8x, four blocks of 8 channels), saved.
+
+    Like the real TAESD it upsamples three times by 2 and reads model-space latents.
+    """
+    import torch
+    from diffusers import AutoencoderTiny
+
+    path = pathlib.Path(path)
+    torch.manual_seed(seed)
+    model = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=latent_channels,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_consistency_decoder(path: str | pathlib.Path, *, seed: int = 0) -> pathlib.Path:
+    """A seeded tiny ``ConsistencyDecoderVAE``, saved with safetensors.
+
+    diffusers' own test config (a 2-level UNet of 2 and 4 channels, groups of 2, 7 input and 6
+    output channels), except that the encoder has four blocks: the decoder upsamples by
+    ``2 ** (len(encoder blocks) - 1)``, and SD latents are 8x.
+    """
+    import torch
+    from diffusers import ConsistencyDecoderVAE
+
+    path = pathlib.Path(path)
+    torch.manual_seed(seed)
+    model = ConsistencyDecoderVAE(
+        encoder_block_out_channels=(2, 4, 4, 4),
+        encoder_in_channels=3,
+        encoder_out_channels=4,
+        encoder_down_block_types=("DownEncoderBlock2D",) * 4,
+        encoder_norm_num_groups=2,
+        decoder_add_attention=False,
+        decoder_block_out_channels=(2, 4),
+        decoder_down_block_types=("ResnetDownsampleBlock2D",) * 2,
+        decoder_up_block_types=("ResnetUpsampleBlock2D",) * 2,
+        decoder_downsample_padding=1,
+        decoder_in_channels=7,
+        decoder_out_channels=6,
+        decoder_layers_per_block=1,
+        decoder_norm_eps=1e-05,
+        decoder_norm_num_groups=2,
+        decoder_num_train_timesteps=1024,
+        decoder_resnet_time_scale_shift="scale_shift",
+        decoder_time_embedding_type="learned",
+        latent_channels=4,
+        scaling_factor=0.18215,
+    )
     model.save_pretrained(path, safe_serialization=True)
     return path
 
