@@ -53,6 +53,17 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_SECONDS": 600,  # a pending/encoding row older than this is re-enqueued by the sweeper
     "MAX_ATTEMPTS": 3,  # encode attempts before a row is marked failed
     "DECODE_TIMEOUT": 120,  # seconds decode() waits for a worker-side decode
+    # Per-process LRU of decoded pictures in front of CACHE, bounded in bytes (0: off).
+    "LOCAL_CACHE_BYTES": 32 * 1024 * 1024,
+    # Signed image URLs (image.url(), {% latent_img %}, the admin): the largest size box one
+    # may ask for, how long a URL stays valid (None: as long as the picture exists) and how
+    # long browsers and CDNs may keep a sharp picture.
+    "URL_MAX_SIZE": 2048,
+    "URL_EXPIRES": None,
+    "URL_CACHE_SECONDS": 365 * 24 * 60 * 60,
+    # A picture served as the instant preview schedules one warm-up decode on the decode
+    # queue; further requests within this many seconds do not schedule another.
+    "WARMUP_LOCK_SECONDS": 120,
 }
 
 
