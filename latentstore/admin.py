@@ -206,7 +206,14 @@ def _report(
     if report.staged:
         modeladmin.message_user(request, f"{report.staged} {label} {verb}.", messages.SUCCESS)
     for reason, count in report.skipped.items():
-        modeladmin.message_user(request, f"{count} {label} skipped: {reason}.", messages.WARNING)
+        hint = (
+            " (manage.py latents_reencode --from-decoded re-encodes decoded pixels, lossy)"
+            if reason == maintenance.NO_ORIGINAL
+            else ""
+        )
+        modeladmin.message_user(
+            request, f"{count} {label} skipped: {reason}{hint}.", messages.WARNING
+        )
     if report.errors:
         first = "; ".join(f"pk={pk}: {msg}" for pk, msg in list(report.errors.items())[:3])
         modeladmin.message_user(

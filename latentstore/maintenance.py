@@ -42,9 +42,7 @@ from latentstore.fields import (
 from latentstore.latents import LatentFormatError, LatentHeader, read_header
 
 IN_FLIGHT = "already pending or encoding"
-NO_ORIGINAL = (
-    "no original kept (latents_reencode --from-decoded re-encodes from decoded pixels, lossy)"
-)
+NO_ORIGINAL = "no original kept"
 NOT_FAILED = "not failed"
 CHANGED = "changed meanwhile"
 EMPTY_ROW = "no image"

@@ -13,6 +13,7 @@ whose row is gone, no longer ready or holds other latents now is 404.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from django.core import signing
@@ -126,8 +127,6 @@ def _cache_headers(response: HttpResponse, etag: str, ref: Any, immutable: bool)
     if immutable:
         seconds = conf.get_settings()["URL_CACHE_SECONDS"]
         if ref.expires is not None:
-            import time
-
             seconds = max(0, min(seconds, int(ref.expires - time.time())))
         patch_cache_control(response, public=True, max_age=seconds, immutable=True)
     else:

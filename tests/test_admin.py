@@ -158,6 +158,19 @@ def test_replacing_the_image_through_the_change_form(admin_client, broker, png_b
     ]
 
 
+def test_editing_other_fields_keeps_the_encoded_image(admin_client, broker, png_bytes):
+    photo = Photo.objects.create(title="old", image=png_bytes)
+    encode_now(photo)
+    blob, token = photo.image.blob, photo.image_token
+    broker("latents.encode")
+    response = admin_client.post(f"/admin/demo/photo/{photo.pk}/change/", {"title": "renamed"})
+    assert response.status_code == 302, response.content[:2000]
+    photo = Photo.objects.get(pk=photo.pk)
+    assert photo.title == "renamed" and photo.image.state == "ready"
+    assert photo.image.blob == blob and photo.image_token == token
+    assert broker("latents.encode") == []
+
+
 def test_action_reencode_selected_from_kept_originals(
     admin_client, broker, settings, tiny_vae_dir, png_bytes
 ):

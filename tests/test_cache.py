@@ -105,7 +105,7 @@ def test_lru_is_reset_when_settings_change(settings, tiny_vae_dir):
         assert len(tiers.local_cache()) == 0
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db
 def test_a_reencoded_row_never_gets_the_old_picture_from_the_lru(png_bytes):
     """Regression guard for the LRU: a new upload has a new digest, so a new key."""
     from tests.tiny import image_bytes, make_test_image
@@ -174,7 +174,7 @@ def test_redis_backend_clear_deletes_only_its_own_keys():
 
 
 @requires_redis
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db
 def test_decode_cache_on_the_redis_backend(settings, tiny_vae_dir, png_bytes):
     settings.LATENTSTORE = latentstore_config(tiny_vae_dir, CACHE="latents-redis")
     photo = Photo.objects.create(title="r", image=png_bytes)

@@ -142,13 +142,13 @@ def test_reencode_with_another_autoencoder_from_kept_originals(two_autoencoders,
     dry, _error = fails(
         "latents_reencode", "--model", "demo.Photo", "--autoencoder", "other", "--dry-run"
     )
-    assert "would re-encode 3 rows (3 from kept originals)" in dry
+    assert "would queue 3 rows for re-encoding (3 from kept originals)" in dry
     assert encode_args(broker) == []
     assert set(Photo.objects.values_list("image_state", flat=True)) == {"ready"}
 
     out, error = fails("latents_reencode", "--model", "demo.Photo", "--autoencoder", "other")
-    assert "re-encoded 3 rows (3 from kept originals)" in out
-    assert "skipped 1 (no original kept" in out
+    assert "queued 3 rows for re-encoding (3 from kept originals)" in out
+    assert "skipped 1 (no original kept)" in out
     assert "1 rows have no kept original; re-run with --from-decoded" in str(error)
     sent = encode_args(broker)
     assert len(sent) == 3
@@ -163,7 +163,9 @@ def test_reencode_with_another_autoencoder_from_kept_originals(two_autoencoders,
     assert Photo.objects.get(pk=lost).image.state == "ready"
 
     again, _error = fails("latents_reencode", "--model", "demo.Photo", "--autoencoder", "other")
-    assert "re-encoded 0 rows" in again, "resumable: the rows done are not selected again"
+    assert "queued 0 rows for re-encoding" in again, (
+        "resumable: the rows done are not selected again"
+    )
     assert encode_args(broker) == []
 
 
@@ -181,7 +183,7 @@ def test_reencode_rows_whose_weights_were_updated(
     (fresh,) = photos(1, seed=10)
     broker("latents.encode")
     out = run("latents_reencode", "--origin-mismatch", "-v", "2")
-    assert "re-encoded 2 rows (2 from kept originals)" in out
+    assert "queued 2 rows for re-encoding (2 from kept originals)" in out
     assert {p.pk for p in old} == set(
         Photo.objects.filter(image_state="pending").values_list("pk", flat=True)
     )
@@ -195,12 +197,12 @@ def test_reencode_failed_rows_and_ids(two_autoencoders, broker):
     (failed,) = make_rows(1, "failed")
     broker("latents.encode")
     out = run("latents_reencode", "--failed")
-    assert "re-encoded 1 rows (1 from staged uploads)" in out
+    assert "queued 1 rows for re-encoding (1 from staged uploads)" in out
     assert Photo.objects.get(pk=failed).image.state == "pending"
     with pytest.raises(CommandError, match="need one --model"):
         call_command("latents_reencode", "--ids", str(b.pk), stdout=io.StringIO())
     out = run("latents_reencode", "--model", "demo.Photo", "--ids", str(b.pk))
-    assert "re-encoded 1 rows" in out
+    assert "queued 1 rows for re-encoding" in out
     assert Photo.objects.get(pk=a.pk).image.state == "ready"
     assert Photo.objects.get(pk=b.pk).image.state == "pending"
     assert len(encode_args(broker)) == 2
@@ -232,7 +234,7 @@ def test_reencode_from_decoded_pixels_prints_the_psnr(
     assert "2 rows have no kept original" in str(error)
 
     out = run("latents_reencode", "--all", "--autoencoder", "other", "--from-decoded")
-    assert "re-encoded 2 rows (2 from decoded pixels)" in out
+    assert "queued 2 rows for re-encoding (2 from decoded pixels)" in out
     assert "PSNR decode → re-encode → decode over 2 rows: mean" in out
     for photo in made:
         image = photo.image.refresh()
@@ -302,7 +304,9 @@ def test_sweep_requeues_stuck_rows_and_fails_those_past_the_cap(broker):
     assert "re-enqueued 2 stuck rows, marked 1 failed" in out
     assert sorted(args[1] for args in encode_args(broker)) == sorted(stuck)
     assert Photo.objects.get(pk=hopeless).image.state == "failed"
-    assert run("latents_sweep").startswith("sweeping") or "re-enqueued 0" in run("latents_sweep")
+    again = run("latents_sweep")
+    assert again.startswith("re-enqueued 0 stuck rows"), "each requeue renews the lease"
+    assert encode_args(broker) == []
 
 
 def test_sweep_exits_non_zero_when_messages_cannot_be_sent():

@@ -20,7 +20,7 @@ from tests.test_field import encode_now
 from tests.testapp.models import Item
 from tests.tiny import image_bytes, make_test_image
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
@@ -230,3 +230,16 @@ def test_template_tag_placeholders_for_pending_failed_and_empty(png_bytes):
     empty = Photo.objects.create(title="e")
     assert render("{% latent_img photo.image %}", photo=empty) == ""
     assert render("{% latent_img nothing %}") == ""
+
+
+def test_missing_urls_are_a_check_warning_and_a_clear_error(settings, ready_photo):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from latentstore.checks import check_urls
+
+    assert check_urls() == []
+    settings.ROOT_URLCONF = "tests.urls_without_latentstore"
+    (warning,) = check_urls()
+    assert warning.id == "latentstore.W001"
+    with pytest.raises(ImproperlyConfigured, match=r"include\('latentstore.urls'\)"):
+        ready_photo.image.url()

@@ -26,11 +26,19 @@ from latentstore.fields import LatentImageField
 class Progress:
     """A tqdm bar on a TTY, plain ``label: done/total`` lines otherwise."""
 
-    def __init__(self, command: BaseCommand, total: int, label: str, unit: str = "rows") -> None:
+    def __init__(
+        self,
+        command: BaseCommand,
+        total: int,
+        label: str,
+        unit: str = "rows",
+        lines: bool = True,
+    ) -> None:
         self.total = total
         self.label = label
         self.unit = unit
         self.done = 0
+        self.lines = lines
         self._stdout = command.stdout
         self._bar = None
         self._printed = 0
@@ -56,7 +64,7 @@ class Progress:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.total and self.done >= self._next_line:
+        elif self.lines and self.total and self.done >= self._next_line:
             self._line()
 
     def _line(self) -> None:
@@ -70,7 +78,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.total and self._printed != self.done:
+        elif self.lines and self.total and self._printed != self.done:
             self._line()
 
     def __enter__(self) -> Progress:
@@ -190,8 +198,9 @@ class LatentCommand(BaseCommand):
             raise CommandError("No LatentImageField matches --model/--field.")
         return pairs
 
-    def progress(self, total: int, label: str, unit: str = "rows") -> Progress:
-        return Progress(self, total, label, unit)
+    def progress(self, total: int, label: str, unit: str = "rows", lines: bool = True) -> Progress:
+        """A bar on a terminal; else plain lines about every tenth (none with ``lines=False``)."""
+        return Progress(self, total, label, unit, lines)
 
     def fail(self, summary: str) -> None:
         """End the command with ``summary`` and a non-zero exit status."""

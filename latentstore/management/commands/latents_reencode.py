@@ -122,7 +122,7 @@ class Command(LatentCommand):
                 rows = rows.exclude(**{field.companion_attname("autoencoder"): target})
             plans.append((model, field, rows, after))
 
-        verb = "would re-encode" if dry_run else "re-encoded"
+        verb = "would queue" if dry_run else "queued"
         try:
             for model, field, rows, after in plans:
                 label = f"{model._meta.label}.{field.name}"
@@ -209,7 +209,9 @@ class Command(LatentCommand):
         sources = ", ".join(
             f"{n} from {SOURCE_NAMES.get(s, s)}" for s, n in sorted(report.sources.items())
         )
-        parts = [f"{verb} {report.staged} rows" + (f" ({sources})" if sources else "")]
+        parts = [
+            f"{verb} {report.staged} rows for re-encoding" + (f" ({sources})" if sources else "")
+        ]
         if report.skipped:
             parts.append(
                 "skipped "

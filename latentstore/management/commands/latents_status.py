@@ -44,7 +44,8 @@ class Command(LatentCommand):
         counts: list[dict[str, Any]] = []
         oldest: list[dict[str, Any]] = []
         quiet = options["json"]
-        with self.progress(0 if quiet else len(pairs), "counting", unit="fields") as progress:
+        total = 0 if quiet else len(pairs)
+        with self.progress(total, "counting", unit="fields", lines=False) as progress:
             for model, field in pairs:
                 state, autoencoder = (
                     field.companion_attname("state"),

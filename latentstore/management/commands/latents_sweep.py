@@ -37,7 +37,7 @@ class Command(LatentCommand):
         lease = settings["LEASE_SECONDS"] if options["lease"] is None else options["lease"]
         pairs = self.selected_fields(options)
         requeued = failed = not_sent = 0
-        with self.progress(len(pairs), "sweeping", unit="fields") as progress:
+        with self.progress(len(pairs), "sweeping", unit="fields", lines=False) as progress:
             for model, field in pairs:
                 label = f"{model._meta.label}.{field.name}"
                 if options["dry_run"]:
