@@ -163,6 +163,42 @@ class LatentImageAdminMixin:
                 kwargs["widget"] = self.latent_widget
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 
+    # view-only users: the same preview, read-only (Django would print the value object)
+    def get_fields(self, request: HttpRequest, obj: models.Model | None = None) -> Any:
+        fields = list(super().get_fields(request, obj))
+        if obj is None or self.has_change_permission(request, obj):
+            return fields
+        names = {f.name for f in latent_fields_of(self.model)}
+        shown = [n for n in fields if n not in names]
+        if len(shown) < len(fields):
+            shown.insert(fields.index(next(n for n in fields if n in names)), "latent_preview")
+        return shown
+
+    def get_readonly_fields(self, request: HttpRequest, obj: models.Model | None = None) -> Any:
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and not self.has_change_permission(request, obj):
+            fields.append("latent_preview")
+        return fields
+
+    @admin.display(description="Image")
+    def latent_preview(self, obj: models.Model) -> SafeString:
+        parts = []
+        for field in latent_fields_of(type(obj)):
+            image = getattr(obj, field.name)
+            if not image:
+                continue
+            info = describe(image, LatentImageWidget.preview_size)
+            details = "".join(
+                f"<dt>{escape(name)}</dt><dd>{escape(value)}</dd>"
+                for name, value in info["details"]
+            )
+            error = f'<p class="latent-error">{escape(info["error"])}</p>' if info["error"] else ""
+            parts.append(
+                f'<div class="latent-widget"><div class="latent-current">{info["picture"]}</div>'
+                f'<div class="latent-details">{info["badge"]}{error}<dl>{details}</dl></div></div>'
+            )
+        return SafeString("".join(parts))
+
     @property
     def media(self) -> forms.Media:
         return super().media + forms.Media(css={"all": ["latentstore/admin.css"]})

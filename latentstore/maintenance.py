@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -79,6 +80,40 @@ class Report:
             self.errors[outcome.pk] = outcome.reason
 
 
+class EncodeBatch:
+    """Collects staged ``(pk, token)`` pairs and enqueues them in batches.
+
+    A batch is sent at ``size`` rows or once its first row has waited ``max_wait`` seconds
+    (slow sources such as decoding must not keep the workers idle). Use it as a context manager:
+    what is left is sent on exit. A batch lost with a crash costs only the sweeper's lease: the
+    rows are pending in the database.
+    """
+
+    def __init__(self, label: str, field_name: str, size: int = 100, max_wait: float = 1.0) -> None:
+        self.label, self.field_name, self.size, self.max_wait = label, field_name, size, max_wait
+        self.items: list[tuple[Any, uuid.UUID]] = []
+        self.sent = 0
+        self._first = 0.0
+
+    def add(self, pk: Any, token: uuid.UUID) -> None:
+        if not self.items:
+            self._first = time.monotonic()
+        self.items.append((pk, token))
+        if len(self.items) >= self.size or time.monotonic() - self._first >= self.max_wait:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.items:
+            items, self.items = self.items, []
+            self.sent += enqueue_encode_batch(self.label, self.field_name, items)
+
+    def __enter__(self) -> EncodeBatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.flush()
+
+
 def small_rows(model: type[models.Model], field: LatentImageField) -> models.QuerySet:
     """Rows of ``model`` with the blob and the staged original deferred, in primary key order."""
     return without_blobs(model._base_manager.all()).order_by("pk")
@@ -101,12 +136,13 @@ def stage_again(
     field: LatentImageField,
     data: bytes | None,
     autoencoder: str,
+    batch: EncodeBatch | None = None,
 ) -> uuid.UUID | None:
     """Put ``instance``'s row back to ``pending`` with ``data`` staged; the new token or None.
 
     ``data`` None keeps the staged original the row already holds (a retry). The update is
-    conditioned on the token read with ``instance``; on commit the encode is enqueued, and a kept
-    original that the worker will store again is deleted.
+    conditioned on the token read with ``instance``; on commit the encode is enqueued (into
+    ``batch`` when given), and a kept original that the worker will store again is deleted.
     """
     token_col = field.companion_attname("token")
     old_token = getattr(instance, token_col)
@@ -133,9 +169,12 @@ def stage_again(
         if not rows.update(**values):
             return None
         label, pk, name = model._meta.label, instance.pk, field.name
-        transaction.on_commit(
-            lambda: enqueue_encode_batch(label, name, [(pk, token)]), using=rows.db
-        )
+        if batch is not None:
+            transaction.on_commit(lambda: batch.add(pk, token), using=rows.db)
+        else:
+            transaction.on_commit(
+                lambda: enqueue_encode_batch(label, name, [(pk, token)]), using=rows.db
+            )
         if old_original and data is not None and _keeps_originals(field):
             # The row holds the bytes now and the worker stores a new copy; the old file would
             # only be an orphan. Without KEEP_ORIGINAL any more, the old file is left alone.
@@ -184,6 +223,7 @@ def reencode_row(
     from_decoded: bool = False,
     decoder: str | None = None,
     dry_run: bool = False,
+    batch: EncodeBatch | None = None,
 ) -> Outcome:
     """Stage one row for encoding again (see the module docstring)."""
     image = getattr(instance, field.name)
@@ -203,13 +243,19 @@ def reencode_row(
     if dry_run:
         return Outcome(pk, "would stage", source=source)
     decoded = data if source == "decoded" else None
-    token = stage_again(instance, field, None if source == "staged" else data, target)
+    token = stage_again(instance, field, None if source == "staged" else data, target, batch)
     if token is None:
         return Outcome(pk, "skipped", CHANGED)
     return Outcome(pk, "staged", token=token, source=source, decoded=decoded)
 
 
-def retry_row(instance: models.Model, field: LatentImageField, *, dry_run: bool = False) -> Outcome:
+def retry_row(
+    instance: models.Model,
+    field: LatentImageField,
+    *,
+    dry_run: bool = False,
+    batch: EncodeBatch | None = None,
+) -> Outcome:
     """Queue a failed row again (a fresh token and attempt count); other rows are skipped."""
     image = getattr(instance, field.name)
     pk = instance.pk
@@ -224,7 +270,7 @@ def retry_row(instance: models.Model, field: LatentImageField, *, dry_run: bool 
     if dry_run:
         return Outcome(pk, "would stage", source=source)
     target = image._companion("autoencoder") or field.autoencoder
-    token = stage_again(instance, field, None if source == "staged" else data, target)
+    token = stage_again(instance, field, None if source == "staged" else data, target, batch)
     if token is None:
         return Outcome(pk, "skipped", CHANGED)
     return Outcome(pk, "staged", token=token, source=source)
@@ -239,8 +285,10 @@ def reencode(
 ) -> Report:
     """Re-encode the rows ``pks`` from their originals (the admin action)."""
     report = Report()
-    for instance in small_rows(model, field).filter(pk__in=pks).iterator(chunk_size=200):
-        report.add(reencode_row(instance, field, autoencoder=autoencoder))
+    rows = small_rows(model, field).filter(pk__in=pks)
+    with EncodeBatch(model._meta.label, field.name) as batch:
+        for instance in rows.iterator(chunk_size=200):
+            report.add(reencode_row(instance, field, autoencoder=autoencoder, batch=batch))
     return report
 
 
@@ -248,8 +296,9 @@ def retry(model: type[models.Model], field: LatentImageField, pks: Sequence[Any]
     """Queue the failed rows among ``pks`` again (the admin action)."""
     report = Report()
     rows = small_rows(model, field).filter(pk__in=pks)
-    for instance in rows.iterator(chunk_size=200):
-        report.add(retry_row(instance, field))
+    with EncodeBatch(model._meta.label, field.name) as batch:
+        for instance in rows.iterator(chunk_size=200):
+            report.add(retry_row(instance, field, batch=batch))
     return report
 
 

@@ -140,6 +140,24 @@ def test_change_form_for_pending_failed_and_corrupt_rows(admin_client):
     assert admin_client.get(CHANGELIST).status_code == 200
 
 
+def test_view_only_users_see_the_preview_read_only(client, png_bytes):
+    from django.contrib.auth.models import Permission
+
+    photo = Photo.objects.create(title="r", image=png_bytes)
+    encode_now(photo)
+    viewer = get_user_model().objects.create_user("viewer", "v@example.com", "pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_photo"))
+    client.force_login(viewer)
+    page = client.get(f"/admin/demo/photo/{photo.pk}/change/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert photo.image.url() in html and "latent-badge-ready" in html
+    assert "&lt;LatentImage" not in html and 'type="file"' not in html
+    listing = client.get(CHANGELIST).content.decode()
+    assert listing.count('class="latent-thumb"') == 1
+    assert "reencode_selected" not in listing, "actions need the change permission"
+
+
 def test_replacing_the_image_through_the_change_form(admin_client, broker, png_bytes):
     photo = Photo.objects.create(title="old", image=png_bytes)
     encode_now(photo)

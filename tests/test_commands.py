@@ -409,3 +409,18 @@ call_command("latents_retry", "--dry-run")
     assert "demo.Photo.image: 100%|" in output and "30/30" in output, output[-2000:]
     assert "demo.Photo.image: 3/30 rows (10%)" not in output
     assert "would queue 30 failed rows again." in output
+
+
+def test_encode_batches_collect_rows_and_send_them_together(broker):
+    from latentstore.maintenance import EncodeBatch
+
+    failed = make_rows(5, "failed")
+    broker("latents.encode")
+    with EncodeBatch("demo.Photo", "image", size=2, max_wait=3600) as batch:
+        batch.add(failed[0], "t0")
+        assert encode_args(broker) == [], "nothing is sent before the batch is full"
+        batch.add(failed[1], "t1")
+        assert len(encode_args(broker)) == 2
+        batch.add(failed[2], "t2")
+    assert encode_args(broker) == [["demo.Photo", failed[2], "image", "t2"]], "the rest on exit"
+    assert batch.sent == 3

@@ -127,7 +127,8 @@ class Command(LatentCommand):
             for model, field, rows, after in plans:
                 label = f"{model._meta.label}.{field.name}"
                 total = (rows.filter(pk__gt=after) if after is not None else rows).count()
-                with self.progress(total, label) as progress:
+                batch = maintenance.EncodeBatch(model._meta.label, field.name)
+                with self.progress(total, label) as progress, batch:
                     for chunk in chunks(rows, options["batch_size"], after=after):
                         keep = set(chunk)
                         if options["origin_mismatch"]:
@@ -142,14 +143,17 @@ class Command(LatentCommand):
                                     from_decoded=options["from_decoded"],
                                     decoder=options["decoder"],
                                     dry_run=dry_run,
+                                    batch=batch,
                                 )
                                 report.add(outcome)
                                 self._row_line(label, outcome, options["verbosity"])
-                                if (
-                                    outcome.decoded is not None
-                                    and len(measured) < options["measure"]
-                                ):
-                                    measured.append((model, field, instance.pk, outcome.decoded))
+                                if outcome.decoded is not None:
+                                    # A decode takes seconds: do not keep the workers waiting.
+                                    batch.flush()
+                                    if len(measured) < options["measure"]:
+                                        measured.append(
+                                            (model, field, instance.pk, outcome.decoded)
+                                        )
                             progress.update()
                             last = (label, instance.pk)
         except KeyboardInterrupt:

@@ -30,10 +30,13 @@ class Command(LatentCommand):
             )
             rows, after = self.restrict(rows, pairs, options)
             total = (rows.filter(pk__gt=after) if after is not None else rows).count()
-            with self.progress(total, label) as progress:
+            batch = maintenance.EncodeBatch(model._meta.label, field.name)
+            with self.progress(total, label) as progress, batch:
                 for chunk in chunks(rows, options["batch_size"], after=after):
                     for instance in maintenance.small_rows(model, field).filter(pk__in=chunk):
-                        outcome = maintenance.retry_row(instance, field, dry_run=dry_run)
+                        outcome = maintenance.retry_row(
+                            instance, field, dry_run=dry_run, batch=batch
+                        )
                         report.add(outcome)
                         if options["verbosity"] >= 2:
                             detail = outcome.reason or outcome.source
