@@ -260,3 +260,24 @@ def check_fields(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
                         )
                     )
     return errors
+
+
+@checks.register("latentstore", checks.Tags.urls)
+def check_urls(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Signed picture URLs (``url()``, ``{% latent_img %}``, the admin) need latentstore.urls."""
+    from django.urls import NoReverseMatch, reverse
+
+    try:
+        reverse("latentstore:picture", kwargs={"token": "T", "ext": "png"})
+    except NoReverseMatch:
+        return [
+            checks.Warning(
+                "latentstore.urls is not included in ROOT_URLCONF: image.url(), "
+                "{% latent_img %} and the admin's thumbnails cannot link pictures.",
+                id="latentstore.W001",
+                hint="Add path('latents/', include('latentstore.urls')) to your urlpatterns.",
+            )
+        ]
+    except Exception:  # a broken URLconf is reported by Django's own checks
+        return []
+    return []

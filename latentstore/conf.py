@@ -56,6 +56,17 @@ DEFAULTS: dict[str, Any] = {
     # Concurrent misses for one picture decode it once: the first takes a lock in the cache for
     # this long; the others wait up to as long for its result, then decode it themselves.
     "DECODE_LOCK_TIMEOUT": 60,
+    # Per-process LRU of decoded pictures in front of CACHE, bounded in bytes (0: off).
+    "LOCAL_CACHE_BYTES": 32 * 1024 * 1024,
+    # Signed image URLs (image.url(), {% latent_img %}, the admin): the largest size box one
+    # may ask for, how long a URL stays valid (None: as long as the picture exists) and how
+    # long browsers and CDNs may keep a sharp picture.
+    "URL_MAX_SIZE": 2048,
+    "URL_EXPIRES": None,
+    "URL_CACHE_SECONDS": 365 * 24 * 60 * 60,
+    # A picture served as the instant preview schedules one warm-up decode on the decode
+    # queue; further requests within this many seconds do not schedule another.
+    "WARMUP_LOCK_SECONDS": 120,
 }
 
 

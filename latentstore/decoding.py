@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from django.core.cache import caches
-
 from latentstore import conf
 from latentstore.decoders import RUN_WORKER, decoders
 
@@ -25,7 +23,7 @@ if TYPE_CHECKING:
 
     from latentstore.fields import LatentImage
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("latentstore.decoding")
 
 KEY_VERSION = "v1"
 FORMATS = {"PNG": "PNG", "WEBP": "WEBP", "JPEG": "JPEG", "JPG": "JPEG"}
@@ -63,16 +61,78 @@ def cache_key(digest: str, alias: str, fingerprint: str, size: tuple[int, int], 
     return f"latentstore:{KEY_VERSION}:{digest}:{alias}:{fingerprint}:{size[0]}x{size[1]}:{format}"
 
 
+_FINGERPRINT_SECONDS = 1.0
+_fingerprints: dict[tuple[str, str], tuple[float, Any, str]] = {}
+
+
+def decoder_fingerprint(alias: str, autoencoder: str) -> str:
+    """``decoders[alias].fingerprint(autoencoder)``, remembered for a second.
+
+    A fingerprint stats the weights files (~0.1 ms); a page of thumbnails asks for the same one
+    a hundred times, and every cache hit needs it. A changed setting builds a new backend, which
+    the memo notices at once.
+    """
+    backend = decoders[alias]
+    now = time.monotonic()
+    hit = _fingerprints.get((alias, autoencoder))
+    if hit is not None and hit[0] > now and hit[1] is backend:
+        return hit[2]
+    fingerprint = backend.fingerprint(autoencoder)
+    if len(_fingerprints) > 1024:
+        _fingerprints.clear()
+    _fingerprints[(alias, autoencoder)] = (now + _FINGERPRINT_SECONDS, backend, fingerprint)
+    return fingerprint
+
+
 def key_for(image: LatentImage, alias: str, size: Any, format: str) -> tuple[str, tuple[int, int]]:
     """The cache key of ``image`` decoded by ``alias`` at ``size`` in ``format``, and that size."""
-    backend = decoders[alias]
     target = fit_size((image.width, image.height), size)
-    fingerprint = backend.fingerprint(image._companion("autoencoder"))
+    fingerprint = decoder_fingerprint(alias, image._companion("autoencoder"))
     return cache_key(image.digest, alias, fingerprint, target, format), target
 
 
 def get_cache():
-    return caches[conf.get_settings()["CACHE"]]
+    """The decode cache: this process's LRU in front of the shared cache named by ``CACHE``."""
+    from latentstore.cache import tiered
+
+    return tiered(conf.get_settings()["CACHE"])
+
+
+def schedule_warmup(image: LatentImage, alias: str, size: Any = None, format: str = "PNG") -> bool:
+    """Send one decode task so the picture is in the cache by the next view; True if sent.
+
+    Deduplicated for ``WARMUP_LOCK_SECONDS`` by a cache ``add`` on the picture's key, so a page
+    of thumbnails viewed by many people costs one decode per picture. Never waits; a broker that
+    cannot be reached is logged and forgotten (the page keeps its preview).
+    """
+    from celery import current_app
+
+    settings = conf.get_settings()
+    format = normalise_format(format)
+    key, target = key_for(image, alias, size, format)
+    cache = get_cache()
+    if not cache.add(key + ":warming", 1, settings["WARMUP_LOCK_SECONDS"]):
+        return False
+    instance = image.instance
+    try:
+        current_app.send_task(
+            settings["DECODE_TASK"],
+            args=[
+                instance._meta.label,
+                instance.pk if isinstance(instance.pk, (int, str)) else str(instance.pk),
+                image.field.name,
+                alias,
+                list(target),
+                format,
+                key,
+            ],
+            queue=settings["DECODE_QUEUE"],
+        )
+    except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
+        cache.delete(key + ":warming")
+        logger.warning("Could not schedule a warm-up decode of %s: %s", key, exc)
+        return False
+    return True
 
 
 def encode_picture(img: PILImage.Image, format: str) -> bytes:

@@ -242,19 +242,33 @@ class SweepResult:
     not_sent: int = 0
 
 
-def sweep(now: Any = None, lease: float | None = None) -> SweepResult:
+def stuck_rows(model: type[models.Model], field: LatentImageField, cutoff: Any) -> models.QuerySet:
+    """Rows whose ``field`` is pending/encoding and was last touched before ``cutoff``."""
+    state_col, changed_col = field.companion_attname("state"), field.companion_attname("changed")
+    return model._base_manager.filter(
+        Q(**{f"{changed_col}__lt": cutoff}) | Q(**{f"{changed_col}__isnull": True}),
+        **{f"{state_col}__in": [PENDING, ENCODING]},
+    )
+
+
+def sweep(
+    now: Any = None,
+    lease: float | None = None,
+    fields: Sequence[tuple[type[models.Model], LatentImageField]] | None = None,
+) -> SweepResult:
     """Re-enqueue rows stuck pending/encoding past their lease; fail those past the attempt cap.
 
     The database is the record of truth: a queue lost with the broker (Redis without
     persistence) costs only the lease's delay. Each requeue renews the lease, so a row is not
-    enqueued again until another lease passes.
+    enqueued again until another lease passes. ``fields`` limits the sweep to some
+    ``(model, field)`` pairs (default: every LatentImageField).
     """
     settings = conf.get_settings()
     now = now or timezone.now()
     lease = settings["LEASE_SECONDS"] if lease is None else lease
     cutoff = now - timedelta(seconds=lease)
     result = SweepResult()
-    for model, field in latent_fields():
+    for model, field in latent_fields() if fields is None else fields:
         state_col, changed_col = (
             field.companion_attname("state"),
             field.companion_attname("changed"),
@@ -263,10 +277,7 @@ def sweep(now: Any = None, lease: float | None = None) -> SweepResult:
             field.companion_attname("token"),
             field.companion_attname("attempts"),
         )
-        stuck = model._base_manager.filter(
-            Q(**{f"{changed_col}__lt": cutoff}) | Q(**{f"{changed_col}__isnull": True}),
-            **{f"{state_col}__in": [PENDING, ENCODING]},
-        )
+        stuck = stuck_rows(model, field, cutoff)
         for pk, token, attempts in stuck.values_list("pk", token_col, attempts_col).iterator():
             if attempts >= settings["MAX_ATTEMPTS"]:
                 if fail_row(

@@ -427,6 +427,23 @@ class LatentImage:
 
         return decode_bytes(self, decoder or self.field.decoder, size=size, format=format)
 
+    def url(
+        self,
+        decoder: str | None = None,
+        size: int | tuple[int, int] | None = None,
+        format: str = "webp",
+    ) -> str:
+        """A signed URL of the decoded picture, served by ``latentstore.urls``.
+
+        The signature binds this row, the field, ``decoder``, ``size`` (a box, at most
+        ``URL_MAX_SIZE``) and ``format``, and the latents' digest: the response is immutable and
+        cached for long. Until the decode is cached, the view serves the instant preview and
+        schedules the decode. Raises :class:`LatentsNotReady` unless the image is ready.
+        """
+        from latentstore.signing import url_for
+
+        return url_for(self, decoder or self.field.decoder, size=size, format=format)
+
     def preview(self, size: int | tuple[int, int] | None = None) -> PILImage.Image:
         """The instant latent→RGB projection: no model, no torch, no cache needed."""
         from latentstore.decoding import fit_size

@@ -91,7 +91,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 if os.environ.get("REDIS_CACHE_URL"):
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            # Django's RedisCache with one client per process and no pickle.
+            "BACKEND": "latentstore.cache.RedisCache",
             "LOCATION": os.environ["REDIS_CACHE_URL"],
         }
     }

@@ -59,7 +59,10 @@ def latentstore_settings(settings, tiny_vae_dir):
 def _clear_cache():
     from django.core.cache import caches
 
+    from latentstore import cache
+
     caches["default"].clear()
+    cache.reset()  # the per-process LRU in front of it
     yield
 
 

@@ -59,6 +59,12 @@ if REDIS_AVAILABLE:
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": f"lstest-{uuid.uuid4().hex[:8]}",
     }
+    # latentstore's own Redis backend (persistent clients, no pickle), same per-run prefix rule.
+    CACHES["latents-redis"] = {
+        "BACKEND": "latentstore.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": f"lstest-{uuid.uuid4().hex[:8]}",
+    }
 
 STORAGES = {
     "default": {

@@ -1,0 +1,235 @@
+"""What every ``latents_*`` command shares: row selection, progress, a summary, an exit code.
+
+* ``--model app_label.Model`` (repeatable) and ``--field NAME`` pick the LatentImageFields
+  (default: every one of every installed model).
+* Progress is a tqdm bar on a terminal and plain lines (about every tenth) otherwise, so logs
+  of cron jobs and CI stay readable.
+* ``--dry-run`` says what would happen and changes nothing.
+* A command that could not do all it was asked ends with a summary and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from django.apps import apps
+from django.core.exceptions import FieldDoesNotExist
+from django.core.management.base import BaseCommand, CommandError
+from django.db import models
+
+from latentstore.fields import LatentImageField
+
+
+class Progress:
+    """A tqdm bar on a TTY, plain ``label: done/total`` lines otherwise."""
+
+    def __init__(
+        self,
+        command: BaseCommand,
+        total: int,
+        label: str,
+        unit: str = "rows",
+        lines: bool = True,
+    ) -> None:
+        self.total = total
+        self.label = label
+        self.unit = unit
+        self.done = 0
+        self.lines = lines
+        self._stdout = command.stdout
+        self._bar = None
+        self._printed = 0
+        self._next_line = max(1, total // 10)
+        if _isatty(command.stdout) and total:
+            from tqdm import tqdm
+
+            # tqdm redraws with carriage returns: give it the raw stream, not Django's
+            # OutputWrapper, which appends a newline to every write.
+            size = shutil.get_terminal_size((100, 20))
+            self._bar = tqdm(
+                total=total,
+                desc=label,
+                unit=unit[:-1] if unit.endswith("s") else unit,
+                file=getattr(command.stdout, "_out", sys.stdout),
+                # A terminal that reports a 0x0 size (a fresh pty, some CI runners) would
+                # get no bar at all: tqdm hides bars below the screen's last row.
+                ncols=size.columns,
+                nrows=size.lines,
+            )
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.lines and self.total and self.done >= self._next_line:
+            self._line()
+
+    def _line(self) -> None:
+        pct = 100 * self.done // self.total if self.total else 100
+        self._stdout.write(f"{self.label}: {self.done}/{self.total} {self.unit} ({pct}%)")
+        self._printed = self.done
+        step = max(1, self.total // 10)
+        self._next_line = (self.done // step + 1) * step
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.lines and self.total and self._printed != self.done:
+            self._line()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class LatentCommand(BaseCommand):
+    """Base of the ``latents_*`` commands: ``--model``, ``--field``, ``--dry-run``, progress."""
+
+    dry_run_option = True
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--model",
+            action="append",
+            default=[],
+            metavar="APP_LABEL.MODEL",
+            help="Only this model (repeatable). Default: every model with a LatentImageField.",
+        )
+        parser.add_argument(
+            "--field",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="Only this LatentImageField (repeatable). Default: every one.",
+        )
+        if self.dry_run_option:
+            parser.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="Say what would be done; change nothing and send nothing.",
+            )
+
+    def add_row_arguments(self, parser: Any) -> None:
+        """``--ids``, ``--after`` and ``--batch-size`` (for commands that walk rows)."""
+        parser.add_argument(
+            "--ids",
+            nargs="+",
+            metavar="PK",
+            default=[],
+            help="Only these primary keys (also a,b,c); with one --model.",
+        )
+        parser.add_argument(
+            "--after",
+            metavar="PK",
+            help="Resume after this primary key (an interrupted run prints it); with one --model.",
+        )
+        parser.add_argument(
+            "--batch-size", type=int, default=200, help="Rows read per query (default 200)."
+        )
+
+    def restrict(
+        self, rows: models.QuerySet, pairs: list[tuple[Any, Any]], options: dict[str, Any]
+    ) -> tuple[models.QuerySet, Any]:
+        """``rows`` limited to ``--ids``, and the ``--after`` primary key (or None)."""
+        ids = [v.strip() for item in options["ids"] for v in str(item).split(",") if v.strip()]
+        if not ids and not options["after"]:
+            return rows, None
+        if len({model for model, _field in pairs}) > 1:
+            raise CommandError("--ids and --after need one --model: primary keys belong to it.")
+        pk = rows.model._meta.pk
+        try:
+            if ids:
+                rows = rows.filter(pk__in=[pk.to_python(v) for v in ids])
+            after = pk.to_python(options["after"]) if options["after"] else None
+        except Exception as exc:  # ValidationError of the primary key's type
+            raise CommandError(f"--ids/--after: {exc}") from None
+        return rows, after
+
+    def selected_fields(self, options: dict[str, Any]) -> list[tuple[type[models.Model], Any]]:
+        """The (model, LatentImageField) pairs named by ``--model`` / ``--field``."""
+        if options["model"]:
+            models_ = []
+            for label in options["model"]:
+                try:
+                    models_.append(apps.get_model(label))
+                except (LookupError, ValueError):
+                    raise CommandError(
+                        f"Unknown model {label!r}; use app_label.ModelName "
+                        f"(with a LatentImageField: {', '.join(_labels()) or 'none installed'})."
+                    ) from None
+        else:
+            models_ = [m for m in apps.get_models() if _latent_fields(m)]
+        pairs = []
+        for model in models_:
+            fields = _latent_fields(model)
+            if options["field"]:
+                chosen = []
+                for name in options["field"]:
+                    try:
+                        field = model._meta.get_field(name)
+                    except FieldDoesNotExist:
+                        if options["model"]:
+                            raise CommandError(
+                                f"{model._meta.label} has no field {name!r} "
+                                f"(its LatentImageFields: {', '.join(f.name for f in fields)})."
+                            ) from None
+                        continue
+                    if not isinstance(field, LatentImageField):
+                        raise CommandError(f"{model._meta.label}.{name} is not a LatentImageField.")
+                    chosen.append(field)
+                fields = chosen
+            if not fields and options["model"]:
+                raise CommandError(f"{model._meta.label} has no LatentImageField.")
+            pairs += [(model, f) for f in fields]
+        if not pairs:
+            raise CommandError("No LatentImageField matches --model/--field.")
+        return pairs
+
+    def progress(self, total: int, label: str, unit: str = "rows", lines: bool = True) -> Progress:
+        """A bar on a terminal; else plain lines about every tenth (none with ``lines=False``)."""
+        return Progress(self, total, label, unit, lines)
+
+    def fail(self, summary: str) -> None:
+        """End the command with ``summary`` and a non-zero exit status."""
+        raise CommandError(summary, returncode=1)
+
+
+def _latent_fields(model: type[models.Model]) -> list[LatentImageField]:
+    return [f for f in model._meta.concrete_fields if isinstance(f, LatentImageField)]
+
+
+def _labels() -> Iterator[str]:
+    for model in apps.get_models():
+        if _latent_fields(model):
+            yield model._meta.label
+
+
+def chunks(queryset: models.QuerySet, size: int = 500, after: Any = None) -> Iterator[list[Any]]:
+    """The primary keys of ``queryset`` in order, a chunk at a time (keyset pagination).
+
+    Rows changed by the caller between chunks do not shift the pages, and ``after`` resumes
+    past a primary key printed by an interrupted run.
+    """
+    last = after
+    while True:
+        page = queryset.order_by("pk")
+        if last is not None:
+            page = page.filter(pk__gt=last)
+        pks = list(page.values_list("pk", flat=True)[:size])
+        if not pks:
+            return
+        yield pks
+        last = pks[-1]

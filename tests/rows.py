@@ -1,0 +1,53 @@
+"""Rows with latents made without a model (for listings and the no-torch checks).
+
+No torch here, and no test fixtures: subprocesses that prove the web tier never imports torch
+use it too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latentstore.latents import blob_digest, pack
+
+
+def fake_blob(seed: int = 0) -> bytes:
+    """Latents of a 40x24 picture from no model at all (an unknown weights fingerprint)."""
+    z = np.random.default_rng(seed).normal(size=(4, 3, 5)).astype("float32")
+    return pack(
+        z,
+        autoencoder="default",
+        family="sd",
+        fingerprint="0" * 16,
+        scaling_factor=0.18215,
+        shift_factor=0.0,
+        width=40,
+        height=24,
+    )
+
+
+def make_rows(
+    count: int, state: str = "ready", start: int = 0, distinct: bool = False
+) -> list[int]:
+    """``count`` photos in ``state`` without encoding anything (bulk, for listings).
+
+    Ready rows share one blob (so one content address) unless ``distinct``.
+    """
+    from project.models import Photo
+
+    photos = Photo.objects.bulk_create([Photo(title=f"p{start + i}") for i in range(count)])
+    pks = [p.pk for p in photos]
+    blob = fake_blob()
+    values = {"image_state": state, "image_width": 40, "image_height": 24}
+    if state == "ready":
+        values.update(image=blob, image_digest=blob_digest(blob), image_autoencoder="default")
+    elif state == "failed":
+        values.update(image_error="The image could not be read: broken", image_staged=b"x")
+    else:
+        values.update(image_staged=b"x")
+    Photo.objects.filter(pk__in=pks).update(**values)
+    if distinct and state == "ready":
+        for i, pk in enumerate(pks):
+            blob = fake_blob(start + i + 1)
+            Photo.objects.filter(pk=pk).update(image=blob, image_digest=blob_digest(blob))
+    return pks
