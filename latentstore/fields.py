@@ -451,9 +451,20 @@ class LatentImage:
 
         header, array = self.unpack()
         target = fit_size((header.width, header.height), size)
-        return latents_to_rgb(
-            array, header.family, header.scaling_factor, header.shift_factor, size=target
+        _c, h, w = array.shape
+        if not (header.pad_right or header.pad_bottom):
+            return latents_to_rgb(
+                array, header.family, header.scaling_factor, header.shift_factor, size=target
+            )
+        # The grid covers the encode-time padding too: resample only the part of it that holds
+        # the picture (a fractional box), so the preview lines up with the decoded image.
+        from PIL import Image
+
+        grid = latents_to_rgb(
+            array, header.family, header.scaling_factor, header.shift_factor, size=(w, h)
         )
+        box = (0.0, 0.0, header.width / header.downsample, header.height / header.downsample)
+        return grid.resize(target, Image.Resampling.BILINEAR, box=box)
 
     def refresh(self) -> LatentImage:
         """Reload this field's columns from the database (e.g. after a worker finished)."""

@@ -207,3 +207,38 @@ def test_the_project_passes_its_own_checks():
     from latentstore.checks import check_settings
 
     assert check_settings() == []
+
+
+def test_preview_of_a_padded_image_lines_up_with_the_decoded_picture(png_bytes):
+    # Regression: preview() stretched the whole latent grid, encode-time padding included, onto
+    # the picture's size, shifting it by up to a cell; the rgb decoder crops the padding off.
+    import numpy as np
+
+    from latentstore.latents import blob_digest, pack
+
+    latents = np.random.default_rng(0).normal(0, 8, size=(4, 3, 5)).astype(np.float32)
+    blob = pack(
+        latents,
+        autoencoder="default",
+        family="sd",
+        fingerprint="0" * 16,
+        scaling_factor=0.18215,
+        shift_factor=0.0,
+        width=37,
+        height=21,
+    )
+    photo = Photo.objects.create(title="odd", image=png_bytes)
+    Photo.objects.filter(pk=photo.pk).update(
+        image=blob,
+        image_state="ready",
+        image_digest=blob_digest(blob),
+        image_staged=None,
+        image_width=37,
+        image_height=21,
+    )
+    photo = Photo.objects.get(pk=photo.pk)
+    assert (photo.image.header.pad_right, photo.image.header.pad_bottom) == (3, 3)
+    preview = np.asarray(photo.image.preview(), dtype=np.int16)
+    decoded = np.asarray(photo.image.decode(decoder="rgb"), dtype=np.int16)
+    assert preview.shape == decoded.shape == (21, 37, 3)
+    assert np.abs(preview - decoded).mean() < 1.5
