@@ -146,3 +146,21 @@ def broker_unreachable(url: str = "redis://127.0.0.1:1/0"):
     finally:
         app.conf.broker_url = old
         reset_pools()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``heavy`` tests are opt-in (``-m heavy``); ``gpu`` tests skip without CUDA."""
+    selected = config.getoption("-m") or ""
+    skip_heavy = pytest.mark.skip(reason="heavy: opt-in, run with -m heavy")
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    cuda = False
+    if gpu_items:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "heavy" in item.keywords and "heavy" not in selected:
+            item.add_marker(skip_heavy)
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
