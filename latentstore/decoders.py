@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,21 @@ class BaseDecoder:
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
         """Return an RGB image of the original size (``header.width`` × ``header.height``)."""
         raise NotImplementedError
+
+    def decode_many(
+        self, items: Sequence[tuple[LatentHeader, np.ndarray]]
+    ) -> list[PILImage.Image | Exception]:
+        """Decode several latents; per item the picture, or the exception that stopped it.
+
+        The default decodes one at a time; model-backed decoders override it to batch.
+        """
+        results: list[PILImage.Image | Exception] = []
+        for header, latents in items:
+            try:
+                results.append(self.decode(header, latents))
+            except Exception as exc:  # one bad item must not cost the others their pictures
+                results.append(exc)
+        return results
 
 
 def _who_can(header: LatentHeader) -> str:

@@ -89,3 +89,44 @@ def decode(
         return "failed"
     cache.set(key, data, conf.get_settings()["CACHE_TIMEOUT"])
     return "ok"
+
+
+@shared_task(name="latentstore.decode_batch", bind=True, acks_late=True, ignore_result=True)
+def decode_batch(
+    self, label: str, field_name: str, alias: str, format: str, items: list[list[Any]]
+) -> dict[str, int]:
+    """Decode ``[[pk, [width, height], cache key], ...]`` rows with ``alias`` in batches.
+
+    The rows are read in one query; each picture (or its error, under ``key + ":error"``) is
+    put in the shared cache, where the web process waiting for it finds it.
+    """
+    from latentstore.decoding import get_cache, render_many
+
+    model, field = encoding.get_field(label, field_name)
+    cache = get_cache()
+    rows = model._base_manager.in_bulk([pk for pk, _size, _key in items])
+    found, targets, keys, errors = [], [], [], {}
+    for pk, size, key in items:
+        instance = rows.get(model._meta.pk.to_python(pk))
+        if instance is None:
+            errors[key + ":error"] = f"{label} pk={pk} does not exist"
+            continue
+        found.append(getattr(instance, field.name))
+        targets.append((int(size[0]), int(size[1])))
+        keys.append(key)
+    try:
+        rendered = render_many(found, alias, targets, format)
+    except Exception as exc:  # the decoder itself could not be built or loaded
+        logger.exception("Batch decode of %s with %r failed", label, alias)
+        rendered = [exc] * len(found)
+    pictures = {}
+    for key, result in zip(keys, rendered, strict=True):
+        if isinstance(result, Exception):
+            errors[key + ":error"] = f"{type(result).__name__}: {result}"
+        else:
+            pictures[key] = result
+    if pictures:
+        cache.set_many(pictures, conf.get_settings()["CACHE_TIMEOUT"])
+    if errors:
+        cache.set_many(errors, 60)
+    return {"ok": len(pictures), "failed": len(errors)}
