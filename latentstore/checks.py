@@ -179,6 +179,14 @@ def _check_worker_settings(settings: dict[str, Any]) -> list[checks.CheckMessage
                 "e.g. 16 * 2**30.",
             )
         )
+    drain = settings.get("DRAIN_SECONDS")
+    if not (isinstance(drain, (int, float)) and not isinstance(drain, bool) and drain >= 0):
+        errors.append(
+            checks.Error(
+                f"LATENTSTORE['DRAIN_SECONDS'] = {drain!r} must be seconds (>= 0).",
+                id="latentstore.E057",
+            )
+        )
     delays = settings.get("RETRY_DELAYS")
     if not all(isinstance(d, (int, float)) and d >= 0 for d in delays or ()):
         errors.append(

@@ -68,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
     "ENCODE_BATCH_SIZE": 16,
     "DECODE_BATCH_SIZE": 8,
     "FILL_BATCHES": True,
+    # ... and, while the backlog lasts, keeps claiming the field's next batches for up to this
+    # many seconds per task, decoding pixels and writing back while the model runs (0: off).
+    "DRAIN_SECONDS": 60,
     # Bytes of activations one forward pass may use; None: 80 % of the GPU's free memory when
     # the model loads, or a quarter of the RAM on CPU. Bigger images make smaller batches.
     "MEMORY_BUDGET": None,

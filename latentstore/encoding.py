@@ -285,7 +285,10 @@ def claim_batch(
             sizes: dict[tuple[int, int], int] = {}
             for row in rows:
                 sizes[(row[5], row[6])] = sizes.get((row[5], row[6]), 0) + 1
-            candidates = base.filter(**{col("state"): PENDING}).exclude(pk__in=named_pks)
+            candidates = base.filter(
+                Q(**{f"{col('changed')}__lte": now}) | Q(**{f"{col('changed')}__isnull": True}),
+                **{col("state"): PENDING},
+            ).exclude(pk__in=named_pks)
             order: list[Any] = []
             if sizes:
                 width, height = max(sizes, key=sizes.get)
@@ -366,19 +369,22 @@ def renew(claims: Sequence[Claim], now: datetime | None = None) -> int:
     )
 
 
-def release(claims: Sequence[Claim], message: str) -> int:
+def release(claims: Sequence[Claim], message: str, *, retry_after: float = 0) -> int:
     """Hand claimed rows back (``pending``) after a transient failure, noting why in ``error``.
 
     The attempt stays counted; whoever claims the row next (the retry message, a worker filling
-    its batch, or the sweeper) counts another, and past ``MAX_ATTEMPTS`` the row fails.
+    its batch, or the sweeper) counts another, and past ``MAX_ATTEMPTS`` the row fails. For
+    ``retry_after`` seconds the row's lease time lies in the future: workers filling batches
+    leave it alone until then (the back-off), while a message naming it may take it.
     """
     if not claims:
         return 0
     model, field = get_field(claims[0].label, claims[0].field_name)
+    not_before = timezone.now() + timedelta(seconds=retry_after)
     return (
         model._base_manager.filter(_matching(field, [(c.pk, c.token) for c in claims]))
         .filter(**{field.companion_attname("state"): ENCODING})
-        .update(**_columns(field, state=PENDING, error=message[:2000], changed=timezone.now()))
+        .update(**_columns(field, state=PENDING, error=message[:2000], changed=not_before))
     )
 
 

@@ -99,6 +99,19 @@ def test_a_single_message_fills_its_batch_with_pending_rows(celery_worker):
     assert all(p.image.state == "ready" and p.image_attempts == 1 for p in photos)
 
 
+@requires_postgres
+def test_one_message_drains_the_backlog_in_pipelined_batches(celery_worker, settings):
+    settings.LATENTSTORE = {**settings.LATENTSTORE, "ENCODE_BATCH_SIZE": 2}
+    ae = load_autoencoder("default")
+    with broker_unreachable():
+        photos = [Photo.objects.create(title=f"q{i}", image=png(seed=i)) for i in range(7)]
+    with watch(ae.model.encoder) as shapes:
+        assert encoding.enqueue_encode(LABEL, photos[0].pk, "image", photos[0].image_token)
+        wait_all(photos)
+    assert [s[0] for s in shapes] == [2, 2, 2, 1]  # batches claimed one after another
+    assert all(p.image.state == "ready" and p.image_attempts == 1 for p in photos)
+
+
 def test_batch_with_a_stale_and_a_poison_item(celery_worker, settings, caplog):
     settings.LATENTSTORE = {**settings.LATENTSTORE, "RETRY_DELAYS": (0,), "MAX_ATTEMPTS": 3}
     ae = load_autoencoder("default")
@@ -227,25 +240,35 @@ def test_two_workers_given_the_same_messages_write_each_row_once():
 
 
 def test_a_long_batch_renews_its_leases_between_passes(settings):
-    from django.utils import timezone
-
     settings.LATENTSTORE = {**settings.LATENTSTORE, "ENCODE_BATCH_SIZE": 2}
     ae = load_autoencoder("default")
     with broker_unreachable():
         photos = [Photo.objects.create(title=f"l{i}", image=png(seed=i)) for i in range(4)]
     leases = []
 
-    def observe(x):  # before each pass: when were the still-waiting rows last renewed?
-        leases.append(
-            sorted(
-                Photo.objects.filter(image_state="encoding").values_list("image_changed", flat=True)
-            )
+    def encoding_leases():
+        return sorted(
+            Photo.objects.filter(image_state="encoding").values_list("image_changed", flat=True)
         )
 
+    def observe(x):
+        if not leases:  # the first pass: all four rows claimed at one time
+            leases.append(encoding_leases())
+            return
+        # The second pass: the background thread writes the first batch back, then renews the
+        # two rows still waiting (it may still be at it while this pass starts).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            current = encoding_leases()
+            if len(current) == 2 and min(current) > leases[0][0]:
+                break
+            time.sleep(0.01)
+        leases.append(current)
+
     items = [(p.pk, str(p.image_token)) for p in photos]
-    started = timezone.now()
     with watch(ae.model.encoder, fault=observe):
         report = worker_tasks.encode_batch.apply(args=[LABEL, "image", items]).get()
     assert report["ready"] == 4
-    assert len(leases) == 2
-    assert len(leases[1]) == 2 and min(leases[1]) > max(leases[0][:2]) >= started
+    first, second = leases
+    assert len(first) == 4 and len(set(first)) == 1  # one claim
+    assert len(second) == 2 and min(second) > first[0]  # renewed after the first pass

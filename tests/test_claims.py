@@ -224,6 +224,17 @@ def test_renew_extends_the_lease_and_release_hands_rows_back():
     assert again.attempts == 2
 
 
+@requires_postgres
+def test_a_row_released_with_a_back_off_is_left_alone_by_fills_until_then():
+    a, b = staged(2)
+    (claim,) = encoding.claim_batch(LABEL, "image", pointers([a]))
+    encoding.release([claim], "Attempt 1 failed: out of memory", retry_after=60)
+    assert [c.pk for c in encoding.claim_batch(LABEL, "image", [], fill=5)] == [b.pk]
+    # Its own retry message may take it, back-off or not.
+    (again,) = encoding.claim_batch(LABEL, "image", pointers([a]))
+    assert again.attempts == 2
+
+
 def test_sweeper_resets_expired_claims_and_sends_batches(broker, settings):
     settings.LATENTSTORE = {**settings.LATENTSTORE, "ENCODE_BATCH_SIZE": 2}
     old_pending, expired, fresh = staged(3)

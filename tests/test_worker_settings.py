@@ -23,6 +23,7 @@ def test_bad_worker_settings_are_flagged(settings, tiny_vae_dir):
     assert "latentstore.E050" in ids(settings, tiny_vae_dir, {"PIXEL_THREADS": "4"})
     assert "latentstore.E051" in ids(settings, tiny_vae_dir, {"MEMORY_BUDGET": "8GB"})
     assert "latentstore.E056" in ids(settings, tiny_vae_dir, {"RETRY_DELAYS": (1, -2)})
+    assert "latentstore.E057" in ids(settings, tiny_vae_dir, {"DRAIN_SECONDS": None})
     assert "latentstore.E052" in ids(settings, tiny_vae_dir, CPU_DTYPE="half")
     assert "latentstore.E053" in ids(settings, tiny_vae_dir, TILE_SIZE=500)
     assert "latentstore.E054" in ids(settings, tiny_vae_dir, TILE_OVERLAP=1.0)

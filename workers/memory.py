@@ -80,11 +80,22 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         return
     gc.collect()
+    _trim_heap()
     try:
         # Linux: writing 5 resets the resident-set high-water mark (VmHWM) to the current RSS.
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
     except OSError:
+        pass
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the RSS measures what is in use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the RSS then includes freed memory
         pass
 
 

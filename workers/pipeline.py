@@ -5,13 +5,21 @@ row):
 
 1. :func:`latentstore.encoding.claim_batch` claims the named rows and, on PostgreSQL, fills the
    batch with other pending rows of the field — one transaction, staged bytes included.
-2. A per-process thread pool decodes the uploads with Pillow (which releases the GIL) while the
-   model runs; batches are planned from the rows' width/height before any pixel is decoded.
+2. A per-process thread pool decodes the uploads with Pillow (which releases the GIL); batches
+   are planned from the rows' width/height before any pixel is decoded.
 3. :func:`workers.codec.iter_encode` runs the batches (memory-bounded, OOM-split, NaN re-run in
    float32) and hands back each batch's outcomes as soon as it is done.
 4. The per-item loop (:meth:`EncodeRun.finish_item`) turns each outcome into a blob, a failure,
    or a retry; one :func:`~latentstore.encoding.write_back_many` per batch stores the blobs, and
-   the remaining rows' leases are renewed.
+   the leases of the rows still waiting are renewed.
+
+**Pipelining.** The model should never wait for the database or for Pillow. While a batch is on
+the device, a background thread (its own database connection) writes the previous batch back
+and — on PostgreSQL — claims the next batch of pending rows of the same field, whose pictures the
+pixel pool then decodes. So one task keeps draining the field's backlog for up to
+``DRAIN_SECONDS``, back to back; the messages of the rows it took find them done and cost one
+query each. Inside a transaction (a task run eagerly in a test or a request) everything runs
+inline instead: another connection could not see the transaction's rows.
 
 Rows that were tried before (``attempts > 1``) run one per forward pass, after the others: if
 one of them is what killed the last worker, it cannot take its batch-mates down with it again.
@@ -23,12 +31,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DatabaseError, InterfaceError, close_old_connections
+from django.db import DatabaseError, InterfaceError, close_old_connections, connection, connections
 
 from latentstore import conf, encoding
 from latentstore.encoding import Claim
@@ -56,13 +64,13 @@ def pixel_pool() -> ThreadPoolExecutor:
 
 @dataclass
 class BatchReport:
-    """What one encode task did; ``items`` maps each named ``str(pk)`` to its fate."""
+    """What one encode task did; ``items`` maps each ``str(pk)`` it touched to its fate."""
 
     ready: int = 0
     stale: int = 0
     failed: int = 0
     retried: int = 0
-    filled: int = 0  # rows claimed to fill the batch (counted in the other totals too)
+    filled: int = 0  # rows claimed to fill batches, not named by the message
     items: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -82,6 +90,57 @@ class _Done:
     digest: str
 
 
+@dataclass
+class _Unit:
+    """Claims of one autoencoder, their pictures (futures) and the batch size to run them at."""
+
+    alias: str
+    claims: list[Claim]
+    pictures: list[Future]
+    max_batch: int
+
+
+class _Background:
+    """Database work off the model's thread: one thread, one connection, in submission order.
+
+    Inline (``threaded=False``) it runs each job at once in the caller's thread.
+    """
+
+    def __init__(self, threaded: bool) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="latentstore-db") if threaded else None
+        self.jobs: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self.pool is not None:
+            future = self.pool.submit(fn, *args)
+        else:
+            future = Future()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+        self.jobs.append(future)
+        return future
+
+    def check(self) -> None:
+        """Raise the error of a job that has already failed (stop early, not after the drain)."""
+        for job in self.jobs:
+            if job.done() and job.exception() is not None:
+                raise job.exception()
+
+    def finish(self) -> None:
+        """Wait for every job and raise the first error; close the thread and its connection."""
+        jobs, self.jobs = self.jobs, []
+        try:
+            for job in jobs:
+                job.result()
+        finally:
+            if self.pool is not None:
+                pool, self.pool = self.pool, None
+                pool.submit(connections.close_all).result()
+                pool.shutdown()
+
+
 class EncodeRun:
     """Encode the claimed rows of one model field (see the module docstring)."""
 
@@ -89,30 +148,47 @@ class EncodeRun:
         self.label = label
         self.field_name = field_name
         self.settings = conf.get_settings()
+        self.size = max(1, int(self.settings["ENCODE_BATCH_SIZE"]))
         self.report = BatchReport()
+        self.lock = threading.Lock()  # the report is written from two threads
+        self.claimed: list[Claim] = []
 
     # --- the run --------------------------------------------------------------------------------
 
     def run(self, items: Sequence[tuple[Any, str]], *, fill: bool) -> BatchReport:
-        size = max(1, int(self.settings["ENCODE_BATCH_SIZE"]))
-        room = size - len(items) if fill and self.settings["FILL_BATCHES"] else 0
-        claims = encoding.claim_batch(self.label, self.field_name, items, fill=max(0, room))
+        fill = fill and bool(self.settings["FILL_BATCHES"])
+        claims = encoding.claim_batch(
+            self.label, self.field_name, items, fill=max(0, self.size - len(items)) if fill else 0
+        )
         claimed = {str(c.pk) for c in claims}
         for pk, _token in items:
             if str(pk) not in claimed:
                 self.report.stale += 1
                 self.report.items.setdefault(str(pk), "stale")
-        self.report.filled = sum(c.filled for c in claims)
-        by_alias: dict[str, list[Claim]] = {}
-        for c in claims:
-            by_alias.setdefault(c.autoencoder, []).append(c)
+        drain = fill and encoding.can_fill() and not connection.in_atomic_block
+        deadline = time.monotonic() + float(self.settings.get("DRAIN_SECONDS") or 0)
+        background = _Background(threaded=not connection.in_atomic_block)
         try:
-            for alias, group in by_alias.items():
-                self.encode_group(alias, group)
+            units = self.prepare(claims)
+            while units:
+                following: Future | None = None
+                if drain and len(claims) >= self.size and time.monotonic() < deadline:
+                    following = background.submit(self.claim_more)
+                for unit in units:
+                    self.encode_unit(unit, background)
+                    background.check()
+                if following is None:
+                    break
+                claims, units = following.result()
+            background.finish()
         except BaseException as exc:
+            try:
+                background.finish()
+            except BaseException:
+                logger.exception("Background database work failed too")
             # Whatever stopped the run (a lost database, a bug, a time limit), the rows it had
             # not finished go back to pending for the retry rather than wait out their lease.
-            unfinished = [c for c in claims if str(c.pk) not in self.report.items]
+            unfinished = [c for c in self.claimed if str(c.pk) not in self.report.items]
             try:
                 encoding.release(unfinished, f"Interrupted: {type(exc).__name__}: {exc}")
             except Exception:
@@ -120,49 +196,62 @@ class EncodeRun:
             raise
         return self.report
 
-    def encode_group(self, alias: str, claims: list[Claim]) -> None:
+    def claim_more(self) -> tuple[list[Claim], list[_Unit]]:
+        """The next batch of the field's backlog, its pictures already decoding."""
+        claims = encoding.claim_batch(self.label, self.field_name, [], fill=self.size)
+        return claims, self.prepare(claims)
+
+    def prepare(self, claims: list[Claim]) -> list[_Unit]:
+        """Group claims by autoencoder and start decoding their pictures."""
+        from latentstore.images import open_rgb
+
+        with self.lock:
+            self.claimed += claims
+            self.report.filled += sum(c.filled for c in claims)
+        matte = self.settings["ALPHA_BACKGROUND"]
+        pool = pixel_pool()
+        by_alias: dict[str, list[Claim]] = {}
+        for c in claims:
+            by_alias.setdefault(c.autoencoder, []).append(c)
+        units = []
+        for alias, group in by_alias.items():
+            fresh = [c for c in group if c.attempts <= 1]
+            tried = [c for c in group if c.attempts > 1]
+            for subset, max_batch in ((fresh, self.size), (tried, 1)):
+                if subset:
+                    pictures = [pool.submit(open_rgb, c.staged, background=matte) for c in subset]
+                    units.append(_Unit(alias, subset, pictures, max_batch))
+        return units
+
+    def encode_unit(self, unit: _Unit, background: _Background) -> None:
         from workers.autoencoders import load_autoencoder
 
         try:
-            ae = load_autoencoder(alias)
+            ae = load_autoencoder(unit.alias)
         except KeyError as exc:  # no such alias: a configuration error, not the image's fault
-            for c in claims:
+            for c in unit.claims:
                 self.fail(c, str(exc.args[0]) if exc.args else str(exc))
             return
         except Exception as exc:
-            logger.exception("Loading autoencoder %r failed", alias)
-            for c in claims:
-                self.transient(c, f"Loading autoencoder {alias!r} failed: {exc}")
+            logger.exception("Loading autoencoder %r failed", unit.alias)
+            for c in unit.claims:
+                self.transient(c, f"Loading autoencoder {unit.alias!r} failed: {exc}")
             return
-        fresh = [c for c in claims if c.attempts <= 1]
-        tried = [c for c in claims if c.attempts > 1]
-        size = max(1, int(self.settings["ENCODE_BATCH_SIZE"]))
-        for subset, max_batch in ((fresh, size), (tried, 1)):
-            if subset:
-                self.encode_subset(ae, subset, max_batch)
-
-    def encode_subset(self, ae: Any, claims: list[Claim], max_batch: int) -> None:
-        from latentstore.images import open_rgb
-
-        background = self.settings["ALPHA_BACKGROUND"]
-        pool = pixel_pool()
-        pictures = [pool.submit(open_rgb, c.staged, background=background) for c in claims]
+        claims = unit.claims
+        waiting = {id(c): c for c in claims}
         sizes = [(c.width, c.height) for c in claims]
-        remaining = {id(c): c for c in claims}
         try:
-            for done in iter_encode(ae, pictures, sizes=sizes, max_batch=max_batch):
+            for done in iter_encode(ae, unit.pictures, sizes=sizes, max_batch=unit.max_batch):
                 ready: list[_Done] = []
                 for index, outcome in done:  # the per-item result loop
                     claim = claims[index]
-                    remaining.pop(id(claim), None)
+                    waiting.pop(id(claim), None)
                     item = self.finish_item(ae, claim, outcome)
                     if item is not None:
                         ready.append(item)
-                self.store(ready)
-                if remaining:
-                    encoding.renew(list(remaining.values()))
+                background.submit(self.store, ready, list(waiting.values()))
         finally:
-            for future in pictures:  # a failed run must not leave decodes queued
+            for future in unit.pictures:  # a failed run must not leave decodes queued
                 future.cancel()
 
     # --- per item -------------------------------------------------------------------------------
@@ -175,7 +264,6 @@ class EncodeRun:
         """
         error = outcome.error
         if error is None:
-            picture_size = (claim.width, claim.height)
             blob = pack(
                 outcome.value,
                 autoencoder=ae.alias,
@@ -183,8 +271,8 @@ class EncodeRun:
                 fingerprint=ae.fingerprint,
                 scaling_factor=ae.scaling_factor,
                 shift_factor=ae.shift_factor,
-                width=picture_size[0],
-                height=picture_size[1],
+                width=claim.width,
+                height=claim.height,
                 downsample=ae.downsample,
                 dtype=claim.latent_dtype,
             )
@@ -207,50 +295,52 @@ class EncodeRun:
             self.transient(claim, f"{type(error).__name__}: {error}")
         return None
 
+    def record(self, claim: Claim, fate: str) -> None:
+        with self.lock:
+            setattr(self.report, fate, getattr(self.report, fate) + 1)
+            self.report.items[str(claim.pk)] = "retry" if fate == "retried" else fate
+
     def fail(self, claim: Claim, message: str) -> None:
         encoding.fail(claim, message)
-        self.report.failed += 1
-        self.report.items[str(claim.pk)] = "failed"
+        self.record(claim, "failed")
 
     def transient(self, claim: Claim, message: str) -> None:
         """Retry the row later (a new message after a back-off), or fail it past the cap."""
         if claim.attempts >= self.settings["MAX_ATTEMPTS"]:
             self.fail(claim, f"Gave up after {claim.attempts} attempts to encode: {message}")
             return
-        encoding.release([claim], f"Attempt {claim.attempts} failed: {message}")
         delays = self.settings["RETRY_DELAYS"]
         delay = delays[min(claim.attempts - 1, len(delays) - 1)]
+        # Not before the back-off: workers filling batches leave it alone until then.
+        encoding.release([claim], f"Attempt {claim.attempts} failed: {message}", retry_after=delay)
         encoding.enqueue_encode_batch(
             claim.label, claim.field_name, [(claim.pk, claim.token)], countdown=delay
         )
-        self.report.retried += 1
-        self.report.items[str(claim.pk)] = "retry"
+        self.record(claim, "retried")
 
-    def store(self, ready: list[_Done]) -> None:
-        """Write a batch's blobs back: one transaction, retried briefly on a lost connection."""
-        if not ready:
-            return
-        results = [(d.claim, d.blob, d.digest) for d in ready]
-        for attempt, pause in enumerate((0.5, 2.0, None)):
-            try:
-                stored = encoding.write_back_many(results)
-                break
-            except (DatabaseError, InterfaceError):
-                if pause is None:
-                    raise
-                logger.warning("Write-back failed (try %d); reconnecting", attempt + 1)
-                close_old_connections()
-                time.sleep(pause)
-        for done, ok in zip(ready, stored, strict=True):
-            if ok:
-                self.report.ready += 1
-            else:
-                self.report.stale += 1
-            self.report.items[str(done.claim.pk)] = "ready" if ok else "stale"
+    def store(self, ready: list[_Done], waiting: list[Claim]) -> None:
+        """Write a batch's blobs back (one transaction, retried briefly on a lost connection)
+        and renew the leases of the rows still waiting for their pass."""
+        if ready:
+            results = [(d.claim, d.blob, d.digest) for d in ready]
+            for attempt, pause in enumerate((0.5, 2.0, None)):
+                try:
+                    stored = encoding.write_back_many(results)
+                    break
+                except (DatabaseError, InterfaceError):
+                    if pause is None:
+                        raise
+                    logger.warning("Write-back failed (try %d); reconnecting", attempt + 1)
+                    close_old_connections()
+                    time.sleep(pause)
+            for done, ok in zip(ready, stored, strict=True):
+                self.record(done.claim, "ready" if ok else "stale")
+        if waiting:
+            encoding.renew(waiting)
 
 
 def encode_rows(
     label: str, field_name: str, items: Sequence[tuple[Any, str]], *, fill: bool = True
 ) -> BatchReport:
-    """Claim and encode the rows named by ``(pk, token)`` items (and fill the batch on PG)."""
+    """Claim and encode the rows named by ``(pk, token)`` items (and fill/drain on PG)."""
     return EncodeRun(label, field_name).run(items, fill=fill)
