@@ -7,8 +7,10 @@ inject faults around the real model.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from workers.codec import encode_images
 pytestmark = pytest.mark.django_db(transaction=True)
 
 LABEL = "demo.Photo"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_all(photos, states=("ready", "failed"), timeout=90.0):
@@ -44,6 +47,35 @@ def wait_all(photos, states=("ready", "failed"), timeout=90.0):
 
 def png(size=(40, 24), seed=0) -> bytes:
     return image_bytes(make_test_image(*size, seed=seed), "PNG")
+
+
+@contextlib.contextmanager
+def blob_write_counter():
+    """A PostgreSQL trigger that logs every UPDATE writing the blob column; yields a reader."""
+    table = Photo._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE ls_blob_writes (row_id bigint NOT NULL)")
+        cursor.execute(
+            "CREATE FUNCTION ls_count_blob_write() RETURNS trigger AS $$ BEGIN "
+            "INSERT INTO ls_blob_writes VALUES (NEW.id); RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        cursor.execute(
+            f"CREATE TRIGGER ls_count_blob_write AFTER UPDATE OF image ON {table} "
+            "FOR EACH ROW WHEN (NEW.image IS NOT NULL) EXECUTE FUNCTION ls_count_blob_write()"
+        )
+
+    def writes() -> dict[int, int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT row_id, count(*) FROM ls_blob_writes GROUP BY row_id")
+            return dict(cursor.fetchall())
+
+    try:
+        yield writes
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TRIGGER IF EXISTS ls_count_blob_write ON {table}")
+            cursor.execute("DROP FUNCTION IF EXISTS ls_count_blob_write()")
+            cursor.execute("DROP TABLE IF EXISTS ls_blob_writes")
 
 
 def test_batched_enqueue_folds_saves_into_batch_messages(broker):
@@ -188,18 +220,7 @@ def test_two_workers_given_the_same_messages_write_each_row_once():
     A trigger counts every UPDATE that writes the blob column: each row is written exactly once,
     and claimed exactly once (attempts == 1), so encoded exactly once.
     """
-    table = Photo._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute("CREATE TABLE ls_blob_writes (row_id bigint NOT NULL)")
-        cursor.execute(
-            "CREATE FUNCTION ls_count_blob_write() RETURNS trigger AS $$ BEGIN "
-            "INSERT INTO ls_blob_writes VALUES (NEW.id); RETURN NEW; END $$ LANGUAGE plpgsql"
-        )
-        cursor.execute(
-            f"CREATE TRIGGER ls_count_blob_write AFTER UPDATE OF image ON {table} "
-            "FOR EACH ROW WHEN (NEW.image IS NOT NULL) EXECUTE FUNCTION ls_count_blob_write()"
-        )
-    try:
+    with blob_write_counter() as writes:
         load_autoencoder("default")
         with broker_unreachable():
             photos = [Photo.objects.create(title=f"d{i}", image=png(seed=i)) for i in range(12)]
@@ -228,15 +249,7 @@ def test_two_workers_given_the_same_messages_write_each_row_once():
         for photo in photos:
             photo.refresh_from_db()
             assert photo.image.state == "ready" and photo.image_attempts == 1
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT row_id, count(*) FROM ls_blob_writes GROUP BY row_id")
-            writes = dict(cursor.fetchall())
-        assert writes == {p.pk: 1 for p in photos}
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP TRIGGER IF EXISTS ls_count_blob_write ON {table}")
-            cursor.execute("DROP FUNCTION IF EXISTS ls_count_blob_write()")
-            cursor.execute("DROP TABLE IF EXISTS ls_blob_writes")
+        assert writes() == {p.pk: 1 for p in photos}
 
 
 def test_a_long_batch_renews_its_leases_between_passes(settings):
@@ -272,3 +285,58 @@ def test_a_long_batch_renews_its_leases_between_passes(settings):
     first, second = leases
     assert len(first) == 4 and len(set(first)) == 1  # one claim
     assert len(second) == 2 and min(second) > first[0]  # renewed after the first pass
+
+
+@pytest.mark.heavy
+@requires_postgres
+def test_two_worker_processes_with_duplicated_messages_write_each_row_once(broker, settings):
+    """Two real ``celery worker`` processes, one broker, one database, every message twice."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from django.conf import settings as django_settings
+
+    settings.LATENTSTORE = {**settings.LATENTSTORE, "ENCODE_BATCH_SIZE": 4}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "LATENTSTORE_TEST_DB_NAME": connection.settings_dict["NAME"],
+        "LATENTSTORE_TEST_KEYPREFIX": django_settings.CELERY_BROKER_TRANSPORT_OPTIONS[
+            "global_keyprefix"
+        ],
+        "LATENTSTORE_TEST_CONFIG": json.dumps(settings.LATENTSTORE),
+    }
+    photos = []
+    with blob_write_counter() as writes:
+        with broker_unreachable():
+            photos = [Photo.objects.create(title=f"m{i}", image=png(seed=i)) for i in range(24)]
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "project", "--quiet", "worker", "-P"]
+                + ["solo", "-Q", "latents.encode", "--without-heartbeat", "--without-mingle"]
+                + ["--without-gossip", "-n", f"w{i}-{os.getpid()}@%h", "--loglevel=WARNING"],
+                env=env,
+                cwd=str(ROOT),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for i in range(2)
+        ]
+        try:
+            items = [(p.pk, str(p.image_token)) for p in photos]
+            for _duplicate in range(2):
+                assert encoding.enqueue_encode_batch(LABEL, "image", items) == 24
+            wait_all(photos, timeout=300)
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                try:
+                    worker.wait(60)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+        assert all(p.image.state == "ready" and p.image_attempts == 1 for p in photos)
+        assert writes() == {p.pk: 1 for p in photos}
