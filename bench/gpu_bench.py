@@ -489,7 +489,14 @@ def main() -> int:
     from workers.autoencoders import load_autoencoder
 
     ours = load_autoencoder("default")
-    seed_model = AutoencoderKL.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
+    import importlib.util
+
+    seed_model = AutoencoderKL.from_pretrained(
+        model_dir,
+        use_safetensors=True,
+        low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+    )
+    seed_model = seed_model.to(device).eval()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     name = name or platform.machine()
     log(f"device {device} ({name}); ours: {ours.dtype}, batch {args.batch}, compile {args.compile}")

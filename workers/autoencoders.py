@@ -83,7 +83,12 @@ class LoadedAutoencoder:
     @property
     def block_width(self) -> int:
         """Channels of the full-resolution blocks: what activation memory scales with."""
-        return int(self.model.config.block_out_channels[0])
+        config = self.model.config
+        for name in ("block_out_channels", "decoder_block_out_channels"):
+            channels = getattr(config, name, None)
+            if channels:
+                return int(channels[0])
+        return 128  # the SD VAE's: a safe guess for an unknown architecture
 
     def should_tile(self, width: int, height: int) -> bool:
         """Whether a ``width x height`` picture goes through the tiled encoder/decoder."""
@@ -93,6 +98,9 @@ class LoadedAutoencoder:
     def tiling(self, enabled: bool) -> Iterator[None]:
         """Hold the model's lock with diffusers' tiling switched on or off for one call."""
         with self.lock:
+            if not hasattr(self.model, "use_tiling"):  # a model without diffusers' tiling
+                yield
+                return
             before = self.model.use_tiling
             self.model.use_tiling = enabled
             try:
