@@ -514,14 +514,28 @@ class SweepResult:
     not_sent: int = 0
 
 
-def sweep(now: Any = None, lease: float | None = None) -> SweepResult:
+def stuck_rows(model: type[models.Model], field: LatentImageField, cutoff: Any) -> models.QuerySet:
+    """Rows whose ``field`` is pending/encoding and was last touched before ``cutoff``."""
+    state_col, changed_col = field.companion_attname("state"), field.companion_attname("changed")
+    return model._base_manager.filter(
+        Q(**{f"{changed_col}__lt": cutoff}) | Q(**{f"{changed_col}__isnull": True}),
+        **{f"{state_col}__in": [PENDING, ENCODING]},
+    )
+
+
+def sweep(
+    now: Any = None,
+    lease: float | None = None,
+    fields: Sequence[tuple[type[models.Model], LatentImageField]] | None = None,
+) -> SweepResult:
     """Re-enqueue rows stuck pending/encoding past their lease; fail those past the attempt cap.
 
     The database is the record of truth: a queue lost with the broker (Redis without
     persistence) costs only the lease's delay. Rows go out in batch messages
     (:func:`enqueue_encode_batch`), oldest first. Each requeue sets the row ``pending`` with a
     new lease, so an ``encoding`` row whose worker died becomes claimable, and a row is not
-    enqueued again until another lease passes.
+    enqueued again until another lease passes. ``fields`` limits the sweep to some
+    ``(model, field)`` pairs (default: every LatentImageField).
     """
     settings = conf.get_settings()
     now = now or timezone.now()
@@ -529,13 +543,10 @@ def sweep(now: Any = None, lease: float | None = None) -> SweepResult:
     cutoff = now - timedelta(seconds=lease)
     size = max(1, int(settings["ENCODE_BATCH_SIZE"]))
     result = SweepResult()
-    for model, field in latent_fields():
+    for model, field in latent_fields() if fields is None else fields:
         col = field.companion_attname
         label = model._meta.label
-        stuck = model._base_manager.filter(
-            Q(**{f"{col('changed')}__lt": cutoff}) | Q(**{f"{col('changed')}__isnull": True}),
-            **{f"{col('state')}__in": [PENDING, ENCODING]},
-        )
+        stuck = stuck_rows(model, field, cutoff)
         capped = stuck.filter(**{f"{col('attempts')}__gte": settings["MAX_ATTEMPTS"]})
         for pk, token, attempts in capped.values_list("pk", col("token"), col("attempts")):
             message = f"Gave up after {attempts} attempts to encode (lease expired)."

@@ -527,3 +527,12 @@ def test_gpu_tiled_2048_decode_of_the_full_sd_vae_stays_under_8_gib(tmp_path, se
     (outcome,) = decode_many(ae, [(z, 2048, 2048)])
     assert outcome.ok and outcome.tiled and outcome.value.size == (2048, 2048)
     assert torch.cuda.max_memory_allocated() < 8 * 2**30
+
+
+def test_resolve_dtype_keeps_its_signature_for_other_loaders():
+    from workers.autoencoders import _resolve_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert _resolve_dtype("x", "float16", cpu) == torch.float32  # CPU_DTYPE defaults to float32
+    assert _resolve_dtype("x", "float16", cpu, "bfloat16") == torch.bfloat16
+    assert _resolve_dtype("x", "bfloat16", gpu) == torch.bfloat16

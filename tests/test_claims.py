@@ -269,3 +269,18 @@ def test_claims_cost_a_constant_number_of_queries():
     with CaptureQueriesContext(connection) as writes:
         encoding.write_back_many([(c, b"x", f"d{c.pk}") for c in claims])
     assert len(writes.captured_queries) <= 4  # savepoint/begin, lock, update, commit
+
+
+def test_sweep_can_be_limited_to_some_fields(broker):
+    from tests.testapp.models import Item
+
+    (photo,) = staged(1)
+    Item.objects.bulk_create([Item(name="i", picture=image_bytes(make_test_image(16, 16), "PNG"))])
+    past = timezone.now() - timedelta(hours=1)
+    Photo.objects.update(image_changed=past)
+    Item.objects.update(picture_changed=past)
+    field = Item._meta.get_field("picture")
+    assert encoding.sweep(fields=[(Item, field)]).requeued == 1
+    photo.refresh_from_db()
+    assert photo.image_changed == past  # not this sweep's field
+    assert [m[1][0] for m in broker("latents.encode")] == ["testapp.Item"]

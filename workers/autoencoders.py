@@ -223,11 +223,14 @@ def _parse_dtype(alias: str, setting: str, name: str | None) -> torch.dtype:
         ) from None
 
 
-def _resolve_dtype(alias: str, config: dict[str, Any], device: torch.device) -> torch.dtype:
-    dtype = _parse_dtype(alias, "DTYPE", config.get("DTYPE"))
+def _resolve_dtype(
+    alias: str, name: str | None, device: torch.device, cpu_name: str | None = "float32"
+) -> torch.dtype:
+    """``DTYPE`` on a GPU; on CPU ``CPU_DTYPE`` (``cpu_name``), float32 unless asked."""
+    dtype = _parse_dtype(alias, "DTYPE", name)
     if device.type != "cpu":
         return dtype
-    cpu_dtype = _parse_dtype(alias, "CPU_DTYPE", config.get("CPU_DTYPE"))
+    cpu_dtype = _parse_dtype(alias, "CPU_DTYPE", cpu_name)
     if dtype != cpu_dtype and cpu_dtype == torch.float32:
         # Half-precision convolutions on CPU are slow or unimplemented; the latents differ only
         # in rounding, and the fingerprint does not depend on the dtype.
@@ -274,7 +277,7 @@ def _compile(alias: str, model: AutoencoderKL, spec: Any) -> bool:
 
 def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
     device = _resolve_device(config.get("DEVICE"))
-    dtype = _resolve_dtype(alias, config, device)
+    dtype = _resolve_dtype(alias, config.get("DTYPE"), device, config.get("CPU_DTYPE", "float32"))
     pretrained = config["PRETRAINED"]
     kwargs: dict[str, Any] = {
         "use_safetensors": True,
