@@ -31,7 +31,9 @@ RELIABLE_SETTINGS: dict[str, Any] = {
     "task_soft_time_limit": TASK_TIME_LIMIT - 60,
     "task_routes": {
         "latentstore.encode": {"queue": "latents.encode"},
+        "latentstore.encode_batch": {"queue": "latents.encode"},
         "latentstore.decode": {"queue": "latents.decode"},
+        "latentstore.decode_batch": {"queue": "latents.decode"},
         "latentstore.sweep": {"queue": "latents.encode"},
     },
     # A save must not hang when the broker is down: the row stays pending and the sweeper

@@ -59,6 +59,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 )
             )
 
+    errors += _check_worker_settings(settings)
+
     from latentstore.decoders import DecoderHandler
 
     handler = DecoderHandler()
@@ -281,3 +283,90 @@ def check_urls(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessa
     except Exception:  # a broken URLconf is reported by Django's own checks
         return []
     return []
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_worker_settings(settings: dict[str, Any]) -> list[checks.CheckMessage]:
+    """How workers batch and run models (IDs E050-E059, issue 5)."""
+    errors: list[checks.CheckMessage] = []
+    for key in ("ENCODE_BATCH_SIZE", "DECODE_BATCH_SIZE", "PIXEL_THREADS"):
+        if not _positive_int(settings.get(key)):
+            errors.append(
+                checks.Error(
+                    f"LATENTSTORE[{key!r}] = {settings.get(key)!r} is not a positive integer.",
+                    id="latentstore.E050",
+                )
+            )
+    budget = settings.get("MEMORY_BUDGET")
+    if budget is not None and not _positive_int(budget):
+        errors.append(
+            checks.Error(
+                f"LATENTSTORE['MEMORY_BUDGET'] = {budget!r} is not a number of bytes.",
+                id="latentstore.E051",
+                hint="None (80 % of free GPU memory, a quarter of RAM on CPU) or bytes, "
+                "e.g. 16 * 2**30.",
+            )
+        )
+    drain = settings.get("DRAIN_SECONDS")
+    if not (isinstance(drain, (int, float)) and not isinstance(drain, bool) and drain >= 0):
+        errors.append(
+            checks.Error(
+                f"LATENTSTORE['DRAIN_SECONDS'] = {drain!r} must be seconds (>= 0).",
+                id="latentstore.E057",
+            )
+        )
+    delays = settings.get("RETRY_DELAYS")
+    if not all(isinstance(d, (int, float)) and d >= 0 for d in delays or ()):
+        errors.append(
+            checks.Error(
+                f"LATENTSTORE['RETRY_DELAYS'] = {delays!r} must be seconds (>= 0).",
+                id="latentstore.E056",
+            )
+        )
+    for alias, cfg in settings["AUTOENCODERS"].items():
+        if cfg.get("CPU_DTYPE") not in ("float32", "float16", "bfloat16"):
+            errors.append(
+                checks.Error(
+                    f"Autoencoder {alias!r} has CPU_DTYPE {cfg.get('CPU_DTYPE')!r}.",
+                    id="latentstore.E052",
+                    hint="Use 'float32' (the default), 'float16' or 'bfloat16'.",
+                )
+            )
+        tile = cfg.get("TILE_SIZE")
+        if not _positive_int(tile) or tile % 8:
+            errors.append(
+                checks.Error(
+                    f"Autoencoder {alias!r} has TILE_SIZE {tile!r}.",
+                    id="latentstore.E053",
+                    hint="Pixels per tile side: a positive multiple of the model's downsampling "
+                    "(8 for the SD families), e.g. 512.",
+                )
+            )
+        above = cfg.get("TILE_ABOVE_PIXELS")
+        overlap = cfg.get("TILE_OVERLAP")
+        if (above is not None and not (isinstance(above, int) and above >= 0)) or not (
+            isinstance(overlap, (int, float)) and 0 <= overlap < 1
+        ):
+            errors.append(
+                checks.Error(
+                    f"Autoencoder {alias!r} has TILE_ABOVE_PIXELS {above!r} / TILE_OVERLAP "
+                    f"{overlap!r}.",
+                    id="latentstore.E054",
+                    hint="TILE_ABOVE_PIXELS: None (never tile) or a pixel count; TILE_OVERLAP: "
+                    "a fraction in [0, 1).",
+                )
+            )
+        compile_spec = cfg.get("COMPILE")
+        if not isinstance(compile_spec, (bool, dict)):
+            errors.append(
+                checks.Error(
+                    f"Autoencoder {alias!r} has COMPILE {compile_spec!r}.",
+                    id="latentstore.E055",
+                    hint="False, True, or a dict of torch.compile options such as "
+                    "{'mode': 'max-autotune'}.",
+                )
+            )
+    return errors

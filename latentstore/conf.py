@@ -21,6 +21,16 @@ DEFAULT_AUTOENCODER: dict[str, Any] = {
     "DEVICE": "auto",
     "SUBFOLDER": None,
     "REVISION": None,
+    # How the worker runs it (see workers/autoencoders.py). DTYPE applies on GPUs; on CPU,
+    # half-precision convolutions are slow or missing, so CPU_DTYPE (float32) is used there.
+    "CPU_DTYPE": "float32",
+    "CHANNELS_LAST": True,
+    # torch.compile the encoder and decoder: False, True, or a dict of torch.compile kwargs.
+    "COMPILE": False,
+    # Images with more pixels than this are encoded/decoded tile by tile (bounded memory).
+    "TILE_ABOVE_PIXELS": 1024 * 1024,
+    "TILE_SIZE": 512,  # pixels per tile side (latent tiles are TILE_SIZE / downsample)
+    "TILE_OVERLAP": 0.25,  # fraction of a tile blended with its neighbours
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -48,8 +58,26 @@ DEFAULTS: dict[str, Any] = {
     # Celery routing and recovery.
     "ENCODE_TASK": "latentstore.encode",
     "DECODE_TASK": "latentstore.decode",
+    "ENCODE_BATCH_TASK": "latentstore.encode_batch",
+    "DECODE_BATCH_TASK": "latentstore.decode_batch",
     "ENCODE_QUEUE": "latents.encode",
     "DECODE_QUEUE": "latents.decode",
+    # Batching on the workers: rows per encode message and per forward pass (at most), pictures
+    # per decode forward pass; a worker given fewer rows tops its batch up with other pending
+    # rows of the same field where the database can SELECT ... FOR UPDATE SKIP LOCKED.
+    "ENCODE_BATCH_SIZE": 16,
+    "DECODE_BATCH_SIZE": 8,
+    "FILL_BATCHES": True,
+    # ... and, while the backlog lasts, keeps claiming the field's next batches for up to this
+    # many seconds per task, decoding pixels and writing back while the model runs (0: off).
+    "DRAIN_SECONDS": 60,
+    # Bytes of activations one forward pass may use; None: 80 % of the GPU's free memory when
+    # the model loads, or a quarter of the RAM on CPU. Bigger images make smaller batches.
+    "MEMORY_BUDGET": None,
+    # Threads that decode uploads (Pillow) on the worker while the model runs.
+    "PIXEL_THREADS": 4,
+    # Seconds before an item is retried after a transient failure (one entry per attempt).
+    "RETRY_DELAYS": (2, 10, 30),
     "LEASE_SECONDS": 600,  # a pending/encoding row older than this is re-enqueued by the sweeper
     "MAX_ATTEMPTS": 3,  # encode attempts before a row is marked failed
     "DECODE_TIMEOUT": 120,  # seconds decode() waits for a worker-side decode
@@ -86,6 +114,7 @@ def get_settings() -> dict[str, Any]:
     }
     merged["ALLOWED_FORMATS"] = tuple(f.upper() for f in merged["ALLOWED_FORMATS"])
     merged["ALPHA_BACKGROUND"] = tuple(merged["ALPHA_BACKGROUND"])
+    merged["RETRY_DELAYS"] = tuple(merged["RETRY_DELAYS"]) or (0,)
     return merged
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +177,21 @@ class BaseDecoder:
         read-only); ``header`` says where they come from, their scaling/shift and padding.
         """
         raise NotImplementedError
+
+    def decode_many(
+        self, items: Sequence[tuple[LatentHeader, np.ndarray]]
+    ) -> list[PILImage.Image | Exception]:
+        """Decode several latents; per item the picture, or the exception that stopped it.
+
+        The default decodes one at a time; model-backed decoders override it to batch.
+        """
+        results: list[PILImage.Image | Exception] = []
+        for header, latents in items:
+            try:
+                results.append(self.decode(header, latents))
+            except Exception as exc:  # one bad item must not cost the others their pictures
+                results.append(exc)
+        return results
 
 
 def _who_can(header: LatentHeader, exclude: str | None = None) -> list[str]:

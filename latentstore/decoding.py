@@ -12,7 +12,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from latentstore import conf
@@ -157,6 +157,159 @@ def render(image: LatentImage, alias: str, target: tuple[int, int], format: str)
     if picture.size != target:
         picture = picture.resize(target, Image.Resampling.LANCZOS)
     return encode_picture(picture, format)
+
+
+def render_many(
+    images: Sequence[LatentImage],
+    alias: str,
+    targets: Sequence[tuple[int, int]],
+    format: str,
+) -> list[bytes | Exception]:
+    """:func:`render` for several images at once: the backend decodes them in batches.
+
+    Returns, per image, the encoded picture or the exception that stopped it (a row without
+    latents, latents the decoder refuses, a failed decode).
+    """
+    from PIL import Image
+
+    backend = decoders[alias]
+    results: list[bytes | Exception | None] = [None] * len(images)
+    prepared = []
+    for index, image in enumerate(images):
+        try:
+            header, latents = image.unpack()
+            backend.check(header)
+        except Exception as exc:
+            results[index] = exc
+            continue
+        prepared.append((index, header, latents))
+    pictures = backend.decode_many([(header, latents) for _i, header, latents in prepared])
+    for (index, _header, _latents), picture in zip(prepared, pictures, strict=True):
+        if isinstance(picture, Exception):
+            results[index] = picture
+            continue
+        if picture.size != tuple(targets[index]):
+            picture = picture.resize(tuple(targets[index]), Image.Resampling.LANCZOS)
+        results[index] = encode_picture(picture, format)
+    return results  # type: ignore[return-value]  # every index was filled
+
+
+def decode_many(
+    images: Sequence[LatentImage],
+    decoder: str | None = None,
+    size: Any = None,
+    format: str = "PNG",
+    *,
+    return_exceptions: bool = False,
+) -> list[Any]:
+    """Decoded pictures (image files, as bytes) of many images: one cache round trip, batches.
+
+    Hits come from one ``get_many``; the misses are decoded together — in batches in this
+    process, or by ``latentstore.decode_batch`` tasks on the workers for ``RUN="worker"``
+    decoders — and stored with one ``set_many``. ``decoder`` defaults to each image's field
+    decoder. Raises the first error, or with ``return_exceptions=True`` returns it in that
+    image's place (a listing can then show the others).
+    """
+    from latentstore.fields import READY, LatentsNotReady
+
+    format = normalise_format(format)
+    results: list[Any] = [None] * len(images)
+    wanted: dict[str, list[tuple[int, str, tuple[int, int]]]] = {}
+    for index, image in enumerate(images):
+        alias = decoder or image.field.decoder
+        try:
+            if image.state != READY or not image.digest:
+                image._require_blob()
+                raise LatentsNotReady("latents are not ready", state=image.state)
+            key, target = key_for(image, alias, size, format)
+        except Exception as exc:
+            results[index] = exc
+            continue
+        wanted.setdefault(alias, []).append((index, key, target))
+    cache = get_cache()
+    timeout = conf.get_settings()["CACHE_TIMEOUT"]
+    for alias, entries in wanted.items():
+        found = cache.get_many(list({key for _i, key, _t in entries}))
+        missing: dict[str, tuple[int, tuple[int, int]]] = {}  # one decode per distinct key
+        for index, key, target in entries:
+            if key in found:
+                results[index] = found[key]
+            else:
+                missing.setdefault(key, (index, target))
+        if not missing:
+            continue
+        todo = [(index, key, target) for key, (index, target) in missing.items()]
+        if decoders[alias].run == RUN_WORKER:
+            decoded = _decode_many_on_worker(images, alias, todo, format)
+        else:
+            rendered = render_many(
+                [images[i] for i, _k, _t in todo], alias, [t for _i, _k, t in todo], format
+            )
+            decoded = dict(zip((key for _i, key, _t in todo), rendered, strict=True))
+            cache.set_many(
+                {key: value for key, value in decoded.items() if not isinstance(value, Exception)},
+                timeout,
+            )
+        for index, key, _target in entries:
+            if key in decoded:
+                results[index] = decoded[key]
+    if not return_exceptions:
+        for value in results:
+            if isinstance(value, Exception):
+                raise value
+    return results
+
+
+def _decode_many_on_worker(
+    images: Sequence[LatentImage],
+    alias: str,
+    todo: list[tuple[int, str, tuple[int, int]]],
+    format: str,
+) -> dict[str, bytes | Exception]:
+    """Send ``latentstore.decode_batch`` tasks (one per field, ``DECODE_BATCH_SIZE`` rows each)
+    and wait for every picture, or its error, to appear in the shared cache (by key)."""
+    from celery import current_app
+
+    settings = conf.get_settings()
+    groups: dict[tuple[str, str], list[tuple[int, str, tuple[int, int]]]] = {}
+    for entry in todo:
+        image = images[entry[0]]
+        groups.setdefault((image.instance._meta.label, image.field.name), []).append(entry)
+    step = max(1, int(settings["DECODE_BATCH_SIZE"]))
+    for (label, field_name), entries in groups.items():
+        for start in range(0, len(entries), step):
+            chunk = entries[start : start + step]
+            items = [[images[i].instance.pk, list(target), key] for i, key, target in chunk]
+            current_app.send_task(
+                settings["DECODE_BATCH_TASK"],
+                args=[label, field_name, alias, format, items],
+                queue=settings["DECODE_QUEUE"],
+            )
+    cache = get_cache()
+    waiting = {key: index for index, key, _target in todo}
+    decoded: dict[str, bytes | Exception] = {}
+    deadline = time.monotonic() + settings["DECODE_TIMEOUT"]
+    delay = 0.01
+    while waiting and time.monotonic() < deadline:
+        found = cache.get_many([k for key in waiting for k in (key, key + ":error")])
+        for key in list(waiting):
+            if key in found:
+                decoded[key] = found[key]
+                del waiting[key]
+            elif key + ":error" in found:
+                decoded[key] = DecodeFailed(found[key + ":error"])
+                del waiting[key]
+        if waiting:
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+    for key, index in waiting.items():
+        instance = images[index].instance
+        decoded[key] = DecodeTimeout(
+            f"No decode from a worker within {settings['DECODE_TIMEOUT']} s for "
+            f"{instance._meta.label} pk={instance.pk} ({alias}); "
+            f"is a worker consuming {settings['DECODE_QUEUE']!r}?"
+        )
+    return decoded
 
 
 def decode_bytes(image: LatentImage, alias: str, size: Any = None, format: str = "PNG") -> bytes:

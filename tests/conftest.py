@@ -95,6 +95,18 @@ def drain(queue: str, timeout: float = 0.5) -> list:
     return taken
 
 
+def encode_pointers(messages) -> list[list]:
+    """The ``[label, pk, field, token]`` pointers in drained encode messages, single or batch."""
+    pointers = []
+    for name, args, _message in messages:
+        if name == "latentstore.encode":
+            pointers.append(list(args))
+        elif name == "latentstore.encode_batch":
+            label, field, items = args
+            pointers += [[label, pk, field, token] for pk, token in items]
+    return pointers
+
+
 @pytest.fixture
 def broker():
     """The real broker, emptied of latentstore messages before and after the test."""
@@ -160,7 +172,7 @@ def robustness():
     return _REPORT
 
 
-def pytest_collection_modifyitems(session, config, items):
+def _expect_robustness_cases(items):
     from tests.corpus import CASES
 
     names = {item.nodeid for item in items}
@@ -179,3 +191,22 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session, exitstatus):
     if _REPORT.entries:
         _REPORT.write()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``heavy`` tests are opt-in (``-m heavy``); ``gpu`` tests skip without CUDA."""
+    selected = config.getoption("-m") or ""
+    skip_heavy = pytest.mark.skip(reason="heavy: opt-in, run with -m heavy")
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    cuda = False
+    if gpu_items:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "heavy" in item.keywords and "heavy" not in selected:
+            item.add_marker(skip_heavy)
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
+    _expect_robustness_cases(items)

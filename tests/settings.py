@@ -4,6 +4,7 @@ Without PostgreSQL the suite runs on SQLite and the tests that need PostgreSQL s
 without Redis the Redis tests skip. ``LATENTSTORE_TEST_DB=sqlite`` forces SQLite.
 """
 
+import json
 import os
 import socket
 import tempfile
@@ -76,7 +77,16 @@ STORAGES = {
 
 # Messages of this run live under their own key prefix, so concurrent runs share Redis safely.
 CELERY_BROKER_URL = REDIS_URL if REDIS_AVAILABLE else "memory://"
-CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"lstest-{uuid.uuid4().hex[:8]}:"}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "global_keyprefix": os.environ.get("LATENTSTORE_TEST_KEYPREFIX")
+    or f"lstest-{uuid.uuid4().hex[:8]}:"
+}
+
+# A worker process started by a test joins that test's database, queues and LATENTSTORE.
+if os.environ.get("LATENTSTORE_TEST_DB_NAME") and POSTGRES_AVAILABLE:
+    DATABASES["default"]["NAME"] = os.environ["LATENTSTORE_TEST_DB_NAME"]
+if os.environ.get("LATENTSTORE_TEST_CONFIG"):
+    LATENTSTORE = json.loads(os.environ["LATENTSTORE_TEST_CONFIG"])
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]

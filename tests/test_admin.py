@@ -15,7 +15,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from project.models import Photo
-from tests.conftest import latentstore_config
+from tests.conftest import encode_pointers, latentstore_config
 from tests.rows import fake_blob, make_rows
 from tests.test_field import encode_now
 from tests.tiny import image_bytes, make_test_image
@@ -171,9 +171,7 @@ def test_replacing_the_image_through_the_change_form(admin_client, broker, png_b
     photo.refresh_from_db()
     assert photo.image.state == "pending" and (photo.image.width, photo.image.height) == (64, 48)
     sent = broker("latents.encode")
-    assert [args for _n, args, _m in sent] == [
-        ["demo.Photo", photo.pk, "image", str(photo.image_token)]
-    ]
+    assert encode_pointers(sent) == [["demo.Photo", photo.pk, "image", str(photo.image_token)]]
 
 
 def test_editing_other_fields_keeps_the_encoded_image(admin_client, broker, png_bytes):
@@ -211,7 +209,7 @@ def test_action_reencode_selected_from_kept_originals(
     kept.refresh_from_db()
     assert kept.image.state == "pending" and kept.image_token != old_token
     assert bytes(kept.image_staged) == png_bytes and kept.image_original == ""
-    sent = [args for _n, args, _m in broker("latents.encode")]
+    sent = encode_pointers(broker("latents.encode"))
     assert sent == [["demo.Photo", kept.pk, "image", str(kept.image_token)]]
     assert Photo.objects.get(pk=lost).image.state == "ready"
 
@@ -228,5 +226,5 @@ def test_action_retry_failed(admin_client, broker):
     assert any("skipped: not failed" in m for m in text), text
     row = Photo.objects.get(pk=failed)
     assert row.image.state == "pending" and row.image_error == "" and row.image_attempts == 0
-    sent = [args for _n, args, _m in broker("latents.encode")]
+    sent = encode_pointers(broker("latents.encode"))
     assert sent == [["demo.Photo", failed, "image", str(row.image_token)]]

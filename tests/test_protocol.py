@@ -190,15 +190,23 @@ print("NO-TORCH-OK")
     assert "NO-TORCH-OK" in out.stdout, out.stderr
 
 
-def test_enqueue_encode_batch_sends_pointers_for_every_row(broker, png_bytes):
+def test_enqueue_encode_batch_sends_batch_messages_of_pointers(broker, png_bytes, settings):
+    settings.LATENTSTORE = {**settings.LATENTSTORE, "ENCODE_BATCH_SIZE": 2}
     photos = [Photo.objects.create(title=f"b{i}", image=png_bytes) for i in range(3)]
     broker("latents.encode")  # the saves' own messages
     sent = encoding.enqueue_encode_batch(
         "demo.Photo", "image", [(p.pk, p.image_token) for p in photos]
     )
     assert sent == 3
-    pointers = {tuple(args) for _name, args, _m in broker("latents.encode")}
-    assert pointers == {("demo.Photo", p.pk, "image", str(p.image_token)) for p in photos}
+    messages = broker("latents.encode")
+    # One message per ENCODE_BATCH_SIZE rows, each (label, field, [[pk, token], ...]).
+    assert [name for name, _args, _m in messages] == ["latentstore.encode_batch"] * 2
+    assert [len(args[2]) for _name, args, _m in messages] == [2, 1]
+    pointers = set()
+    for _name, (label, field, items), _m in messages:
+        assert (label, field) == ("demo.Photo", "image")
+        pointers |= {tuple(item) for item in items}
+    assert pointers == {(p.pk, str(p.image_token)) for p in photos}
 
 
 def test_enqueue_encode_batch_counts_what_could_not_be_sent(png_bytes):
@@ -206,3 +214,15 @@ def test_enqueue_encode_batch_counts_what_could_not_be_sent(png_bytes):
     with broker_unreachable():
         items = [(photo.pk, photo.image_token)]
         assert encoding.enqueue_encode_batch("demo.Photo", "image", items) == 0
+
+
+def test_sweeper_gives_a_token_to_pending_rows_that_have_none(celery_worker, png_bytes):
+    # Regression: a pending row without a token (a bulk update, a hand edit) crashed the sweep
+    # ("None" is not a UUID) and could never be claimed.
+    photo = Photo.objects.create(title="tokenless", image=png_bytes)
+    Photo.objects.filter(pk=photo.pk).update(
+        image_token=None, image_changed=timezone.now() - timedelta(hours=1)
+    )
+    assert encoding.sweep().requeued == 1
+    image = wait_for(photo)
+    assert image.state == "ready" and photo.image_token is not None

@@ -217,3 +217,26 @@ def image_bytes(img: Image.Image, format: str = "PNG", **save_kwargs: Any) -> by
     buf = io.BytesIO()
     img.save(buf, format=format, **save_kwargs)
     return buf.getvalue()
+
+
+def save_overflowing_autoencoder(
+    path: str | pathlib.Path, *, seed: int = 0, scale: float = 1e6
+) -> pathlib.Path:
+    """A tiny ``AutoencoderKL`` whose first convolutions are scaled by ``scale``, saved to ``path``.
+
+    In float32 the GroupNorm after them brings the activations back to order one, so encode
+    and decode are finite; in float16 they exceed its range (65504) and the outputs turn into
+    NaN, as the SDXL VAE's do. The weights are real, on disk, loaded by the production path.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    path = pathlib.Path(path)
+    torch.manual_seed(seed)
+    model = AutoencoderKL(**tiny_autoencoder_config())
+    with torch.no_grad():
+        for conv in (model.encoder.conv_in, model.decoder.conv_in):
+            conv.weight.mul_(scale)
+            conv.bias.mul_(scale)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

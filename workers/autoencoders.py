@@ -10,16 +10,24 @@ hangs. So nothing here runs at import time, models are loaded lazily in the proc
 them, and the cache is keyed by ``os.getpid()`` so a forked child never picks up a model its
 parent happened to load (it loads its own). Run GPU workers with ``--pool solo`` or
 ``--pool threads``, or ``prefork`` where only the children touch the model.
+
+How a model runs is set per autoencoder: ``DTYPE`` (float16/bfloat16/float32 on GPUs;
+``CPU_DTYPE`` on CPU, float32 unless asked), ``CHANNELS_LAST`` memory layout, ``COMPILE``
+(``torch.compile`` of the encoder and decoder) and tiling (``TILE_ABOVE_PIXELS``, ``TILE_SIZE``,
+``TILE_OVERLAP``). A reduced-precision model gets a float32 twin on demand (:meth:`float32`) for
+the items whose output overflowed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +35,7 @@ from diffusers import AutoencoderKL
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from latentstore.conf import get_autoencoder_config
+from latentstore.conf import get_autoencoder_config, get_settings
 
 __all__ = ["LoadedAutoencoder", "clear_cache", "fingerprint_state_dict", "load_autoencoder"]
 
@@ -53,10 +61,75 @@ class LoadedAutoencoder:
     scaling_factor: float
     shift_factor: float
     downsample: int  # pixels per latent cell
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+    channels_last: bool = False
+    compiled: bool = False
+    tile_above_pixels: int | None = None  # None: never tile
+    tile_size: int = 512
+    memory_budget: int = 0  # bytes of activations one forward pass may use
+    # One forward pass at a time per model: tiling is a switch on the shared module, and a
+    # GPU runs one kernel stream anyway.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    # (operation, input shape) -> largest batch that fitted after an out-of-memory split.
+    batch_caps: dict[tuple[str, tuple[int, ...]], int] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    _float32: LoadedAutoencoder | None = field(default=None, repr=False, compare=False)
 
     @property
     def latent_channels(self) -> int:
         return int(self.model.config.latent_channels)
+
+    @property
+    def block_width(self) -> int:
+        """Channels of the full-resolution blocks: what activation memory scales with."""
+        config = self.model.config
+        for name in ("block_out_channels", "decoder_block_out_channels"):
+            channels = getattr(config, name, None)
+            if channels:
+                return int(channels[0])
+        return 128  # the SD VAE's: a safe guess for an unknown architecture
+
+    def should_tile(self, width: int, height: int) -> bool:
+        """Whether a ``width x height`` picture goes through the tiled encoder/decoder."""
+        return self.tile_above_pixels is not None and width * height > self.tile_above_pixels
+
+    @contextlib.contextmanager
+    def tiling(self, enabled: bool) -> Iterator[None]:
+        """Hold the model's lock with diffusers' tiling switched on or off for one call."""
+        with self.lock:
+            if not hasattr(self.model, "use_tiling"):  # a model without diffusers' tiling
+                yield
+                return
+            before = self.model.use_tiling
+            self.model.use_tiling = enabled
+            try:
+                yield
+            finally:
+                self.model.use_tiling = before
+
+    def float32(self) -> LoadedAutoencoder:
+        """This autoencoder in float32 (itself when it already is), loaded on first use.
+
+        The twin is read from the same weights (checked by fingerprint), not upcast from the
+        reduced-precision copy, so an item re-run after a float16 overflow gets exactly what a
+        float32 worker would have written.
+        """
+        if self.dtype == torch.float32:
+            return self
+        with self.lock:
+            if self._float32 is None:
+                config = {**self.config, "DTYPE": "float32", "CPU_DTYPE": "float32"}
+                config["COMPILE"] = False  # a rare path: not worth a compilation
+                twin = _load(self.alias, config)
+                if twin.fingerprint != self.fingerprint:
+                    raise RuntimeError(
+                        f"Autoencoder {self.alias!r}: the weights on disk changed since they were "
+                        f"loaded ({self.fingerprint} -> {twin.fingerprint}); restart the worker"
+                    )
+                twin.memory_budget = self.memory_budget
+                self._float32 = twin
+            return self._float32
 
 
 # (pid, alias) -> (the config it was loaded from, the model)
@@ -140,27 +213,71 @@ def _resolve_device(name: str | None) -> torch.device:
         raise ValueError(f"Invalid DEVICE {name!r}: {exc}") from None
 
 
-def _resolve_dtype(alias: str, name: str | None, device: torch.device) -> torch.dtype:
+def _parse_dtype(alias: str, setting: str, name: str | None) -> torch.dtype:
     key = (name or "float32").strip().lower().removeprefix("torch.")
     try:
-        dtype = _DTYPES[key]
+        return _DTYPES[key]
     except KeyError:
         raise ValueError(
-            f"Autoencoder {alias!r}: DTYPE {name!r} is not one of {', '.join(_DTYPES)}"
+            f"Autoencoder {alias!r}: {setting} {name!r} is not one of {', '.join(_DTYPES)}"
         ) from None
-    if device.type == "cpu" and dtype != torch.float32:
+
+
+def _resolve_dtype(
+    alias: str, name: str | None, device: torch.device, cpu_name: str | None = "float32"
+) -> torch.dtype:
+    """``DTYPE`` on a GPU; on CPU ``CPU_DTYPE`` (``cpu_name``), float32 unless asked."""
+    dtype = _parse_dtype(alias, "DTYPE", name)
+    if device.type != "cpu":
+        return dtype
+    cpu_dtype = _parse_dtype(alias, "CPU_DTYPE", cpu_name)
+    if dtype != cpu_dtype and cpu_dtype == torch.float32:
         # Half-precision convolutions on CPU are slow or unimplemented; the latents differ only
         # in rounding, and the fingerprint does not depend on the dtype.
         logger.warning(
-            "Autoencoder %r: DTYPE %s on CPU is slow or unsupported; using float32", alias, key
+            "Autoencoder %r: DTYPE %s is for GPUs; on CPU it runs in CPU_DTYPE %s",
+            alias,
+            str(dtype).removeprefix("torch."),
+            str(cpu_dtype).removeprefix("torch."),
         )
-        dtype = torch.float32
-    return dtype
+    return cpu_dtype
+
+
+def _tiling(alias: str, config: dict[str, Any], downsample: int) -> tuple[int | None, int, float]:
+    above = config.get("TILE_ABOVE_PIXELS")
+    size = int(config.get("TILE_SIZE") or 512)
+    overlap = float(config.get("TILE_OVERLAP", 0.25))
+    if size < downsample or size % downsample:
+        raise ValueError(
+            f"Autoencoder {alias!r}: TILE_SIZE {size} must be a positive multiple of {downsample}"
+        )
+    if not 0 <= overlap < 1:
+        raise ValueError(f"Autoencoder {alias!r}: TILE_OVERLAP {overlap} must be in [0, 1)")
+    return (None if above is None else int(above)), size, overlap
+
+
+def _compile(alias: str, model: AutoencoderKL, spec: Any) -> bool:
+    if not spec:
+        return False
+    if spec is True:
+        options: dict[str, Any] = {}
+    elif isinstance(spec, dict):
+        options = dict(spec)
+    else:
+        raise ValueError(
+            f"Autoencoder {alias!r}: COMPILE must be False, True or a dict of torch.compile "
+            f"options, not {spec!r}"
+        )
+    # The encoder and decoder hold all the compute; the outer encode()/decode() keep their
+    # Python-level switches (tiling, slicing) outside the compiled graphs.
+    model.encoder.compile(**options)
+    model.decoder.compile(**options)
+    return True
 
 
 def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
     device = _resolve_device(config.get("DEVICE"))
-    dtype = _resolve_dtype(alias, config.get("DTYPE"), device)
+    dtype = _resolve_dtype(alias, config.get("DTYPE"), device, config.get("CPU_DTYPE", "float32"))
     pretrained = config["PRETRAINED"]
     kwargs: dict[str, Any] = {
         "use_safetensors": True,
@@ -190,6 +307,22 @@ def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
     family = str(config.get("FAMILY") or "")
     _check_family(alias, family, int(cfg.latent_channels))
     shift = getattr(cfg, "shift_factor", None)
+    downsample = 2 ** (len(cfg.block_out_channels) - 1)
+    tile_above, tile_size, overlap = _tiling(alias, config, downsample)
+    model.tile_sample_min_size = tile_size
+    model.tile_latent_min_size = tile_size // downsample
+    model.tile_overlap_factor = overlap
+    channels_last = bool(config.get("CHANNELS_LAST", True))
+    if channels_last:
+        # Convolutions on tensor cores want NHWC; inputs are made channels-last to match.
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        # Fixed shapes per batch: let cuDNN pick the fastest convolution algorithms once.
+        torch.backends.cudnn.benchmark = True
+    compiled = _compile(alias, model, config.get("COMPILE"))
+    from workers.memory import default_budget
+
+    budget = get_settings()["MEMORY_BUDGET"]
     return LoadedAutoencoder(
         alias=alias,
         model=model,
@@ -199,7 +332,13 @@ def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
         fingerprint=fingerprint,
         scaling_factor=float(cfg.scaling_factor),
         shift_factor=float(shift) if shift is not None else 0.0,
-        downsample=2 ** (len(cfg.block_out_channels) - 1),
+        downsample=downsample,
+        config=dict(config),
+        channels_last=channels_last,
+        compiled=compiled,
+        tile_above_pixels=tile_above,
+        tile_size=tile_size,
+        memory_budget=int(budget) if budget else default_budget(device),
     )
 
 

@@ -155,6 +155,29 @@ class VAEDecoder(BaseDecoder):
         ae = load_autoencoder(self._alias_for(header.autoencoder))
         return decode_latents(ae, latents, header.width, header.height)
 
+    def decode_many(
+        self, items: Sequence[tuple[LatentHeader, np.ndarray]]
+    ) -> list[PILImage.Image | Exception]:
+        """Decode in batches per autoencoder (``workers.codec.decode_many``)."""
+        from workers.autoencoders import load_autoencoder
+        from workers.codec import decode_many
+
+        results: list[PILImage.Image | Exception | None] = [None] * len(items)
+        groups: dict[str, list[int]] = {}
+        for index, (header, _latents) in enumerate(items):
+            groups.setdefault(self._alias_for(header.autoencoder), []).append(index)
+        for alias, indices in groups.items():
+            try:
+                ae = load_autoencoder(alias)
+            except Exception as exc:
+                for index in indices:
+                    results[index] = exc
+                continue
+            batch = [(items[i][1], items[i][0].width, items[i][0].height) for i in indices]
+            for index, outcome in zip(indices, decode_many(ae, batch), strict=True):
+                results[index] = outcome.value if outcome.ok else outcome.error
+        return results  # type: ignore[return-value]  # every index was filled
+
 
 # --- helpers for the decoder-only models ---------------------------------------------------------
 

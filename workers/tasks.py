@@ -1,7 +1,8 @@
-"""The worker's Celery tasks: encode uploads, decode latents into the shared cache.
+"""The worker's Celery tasks: encode uploads in batches, decode latents into the shared cache.
 
-Both are registered by *name* (``latentstore.encode``, ``latentstore.decode``); the web tier
-sends them with ``send_task`` and never imports this module (or torch).
+All are registered by *name* (``latentstore.encode``, ``latentstore.encode_batch``,
+``latentstore.decode``, ``latentstore.decode_batch``); the web tier sends them with
+``send_task`` and never imports this module (or torch). Payloads are JSON pointers only.
 """
 
 from __future__ import annotations
@@ -13,11 +14,24 @@ from celery import shared_task
 from django.db import DatabaseError, InterfaceError
 
 from latentstore import conf, encoding
-from latentstore.latents import blob_digest, pack
 
 logger = logging.getLogger("workers.tasks")
 
-RETRY_DELAYS = (2, 10, 30)  # seconds; a transient failure (database, OOM) is retried
+
+def _retry_delay(task) -> int:
+    delays = conf.get_settings()["RETRY_DELAYS"]
+    return delays[min(task.request.retries, len(delays) - 1)]
+
+
+def _encode(task, label: str, field_name: str, items: list[tuple[Any, str]]):
+    from workers.pipeline import encode_rows
+
+    try:
+        return encode_rows(label, field_name, items, fill=True)
+    except (DatabaseError, InterfaceError) as exc:
+        # The claim or the write-back could not reach the database; unfinished rows were
+        # handed back (pending) where possible, so the retry claims them again.
+        raise task.retry(exc=exc, countdown=_retry_delay(task)) from exc
 
 
 @shared_task(
@@ -26,64 +40,34 @@ RETRY_DELAYS = (2, 10, 30)  # seconds; a transient failure (database, OOM) is re
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
-    max_retries=len(RETRY_DELAYS),
+    max_retries=5,
 )
 def encode(self, label: str, pk: Any, field_name: str, token: str) -> str:
-    """Encode one staged upload and write the latents back (token-checked)."""
-    from latentstore.images import open_rgb
-    from workers.autoencoders import load_autoencoder
-    from workers.codec import NonFiniteLatents, encode_images
+    """Encode one staged upload (token-checked), topping the batch up with pending rows on PG.
 
-    try:
-        claim = encoding.claim(label, pk, field_name, token)
-    except (DatabaseError, InterfaceError) as exc:
-        raise self.retry(exc=exc, countdown=_delay(self)) from exc
-    if claim is None:
-        return "stale"
+    Returns the named row's fate: ``ready``, ``stale`` (re-uploaded, finished, or held by
+    another worker), ``failed`` or ``retry``.
+    """
+    report = _encode(self, label, field_name, [(pk, token)])
+    return report.items.get(str(pk), "stale")
 
-    settings = conf.get_settings()
-    try:
-        picture = open_rgb(claim.staged, background=settings["ALPHA_BACKGROUND"])
-    except (ValueError, OSError) as exc:
-        encoding.fail(claim, f"The image could not be read: {exc}")
-        return "failed"
 
-    try:
-        ae = load_autoencoder(claim.autoencoder)
-    except KeyError as exc:  # no such alias: a configuration error, not the image's fault
-        encoding.fail(claim, str(exc.args[0]) if exc.args else str(exc))
-        return "failed"
-    except Exception as exc:
-        logger.exception("Loading autoencoder %r failed", claim.autoencoder)
-        if self.request.retries >= self.max_retries:
-            encoding.fail(claim, f"Loading autoencoder {claim.autoencoder!r} failed: {exc}")
-            return "failed"
-        raise self.retry(exc=exc, countdown=_delay(self)) from exc
+@shared_task(
+    name="latentstore.encode_batch",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=5,
+)
+def encode_batch(self, label: str, field_name: str, items: list[list[Any]]) -> dict[str, int]:
+    """Encode the rows named by ``[[pk, token], ...]`` of one model field, in batches.
 
-    try:
-        (latents,) = encode_images(ae, [picture])
-    except NonFiniteLatents:
-        encoding.fail(claim, "The autoencoder produced non-finite latents (NaN/Inf).")
-        return "failed"
-
-    blob = pack(
-        latents,
-        autoencoder=ae.alias,
-        family=ae.family,
-        fingerprint=ae.fingerprint,
-        scaling_factor=ae.scaling_factor,
-        shift_factor=ae.shift_factor,
-        width=picture.width,
-        height=picture.height,
-        downsample=ae.downsample,
-        dtype=claim.latent_dtype,
-    )
-    try:
-        written = encoding.write_back(claim, blob, blob_digest(blob))
-    except (DatabaseError, InterfaceError) as exc:
-        # The claim stays "encoding"; the retry claims again with the same token.
-        raise self.retry(exc=exc, countdown=_delay(self)) from exc
-    return "ready" if written else "stale"
+    Stale items (re-uploaded, already done, held by another worker) are skipped and the others
+    still land; redelivering the same message changes nothing. Returns counts of what happened.
+    """
+    pointers = [(pk, token) for pk, token in items]
+    return _encode(self, label, field_name, pointers).as_dict()
 
 
 @shared_task(name="latentstore.decode", bind=True, acks_late=True, ignore_result=True)
@@ -107,5 +91,42 @@ def decode(
     return "ok"
 
 
-def _delay(task) -> int:
-    return RETRY_DELAYS[min(task.request.retries, len(RETRY_DELAYS) - 1)]
+@shared_task(name="latentstore.decode_batch", bind=True, acks_late=True, ignore_result=True)
+def decode_batch(
+    self, label: str, field_name: str, alias: str, format: str, items: list[list[Any]]
+) -> dict[str, int]:
+    """Decode ``[[pk, [width, height], cache key], ...]`` rows with ``alias`` in batches.
+
+    The rows are read in one query; each picture (or its error, under ``key + ":error"``) is
+    put in the shared cache, where the web process waiting for it finds it.
+    """
+    from latentstore.decoding import get_cache, render_many
+
+    model, field = encoding.get_field(label, field_name)
+    cache = get_cache()
+    rows = model._base_manager.in_bulk([pk for pk, _size, _key in items])
+    found, targets, keys, errors = [], [], [], {}
+    for pk, size, key in items:
+        instance = rows.get(model._meta.pk.to_python(pk))
+        if instance is None:
+            errors[key + ":error"] = f"{label} pk={pk} does not exist"
+            continue
+        found.append(getattr(instance, field.name))
+        targets.append((int(size[0]), int(size[1])))
+        keys.append(key)
+    try:
+        rendered = render_many(found, alias, targets, format)
+    except Exception as exc:  # the decoder itself could not be built or loaded
+        logger.exception("Batch decode of %s with %r failed", label, alias)
+        rendered = [exc] * len(found)
+    pictures = {}
+    for key, result in zip(keys, rendered, strict=True):
+        if isinstance(result, Exception):
+            errors[key + ":error"] = f"{type(result).__name__}: {result}"
+        else:
+            pictures[key] = result
+    if pictures:
+        cache.set_many(pictures, conf.get_settings()["CACHE_TIMEOUT"])
+    if errors:
+        cache.set_many(errors, 60)
+    return {"ok": len(pictures), "failed": len(errors)}

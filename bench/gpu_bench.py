@@ -1,0 +1,648 @@
+#!/usr/bin/env python
+"""Encode/decode throughput of the SD VAE: the seed path, our worker functions, end to end.
+
+One run, one device, one model (the full SD VAE architecture — ``AutoencoderKL`` with
+block_out_channels (128, 256, 512, 512), layers_per_block 2, 4 latent channels — with random
+weights from a seed, saved as safetensors and loaded through the production ``PRETRAINED``
+path; compute does not depend on the weights' values). For each size it measures, side by side:
+
+1. **seed** — a plain diffusers loop, one image at a time, float32, default memory layout;
+2. **ours** — ``workers.codec.encode_many`` / ``decode_many``: batched, ``--dtype``,
+   channels_last, ``torch.compile`` with ``--compile``;
+3. **e2e** — rows staged through the ORM (``bulk_create``, not timed), then timed from
+   ``enqueue_encode_batch`` through a real Celery worker process (Redis, PostgreSQL: claim,
+   Pillow decode, encode, write-back) to the latents read back and unpacked, compared with
+   (2) — encode only.
+
+and prints images/s, the ratios (2)/(1) and (3)/(2), peak memory, and achieved TFLOP/s (FLOPs of
+one forward pass counted by ``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the
+device's peak — the datasheet's dense figure when the GPU is in the table below, else a large
+matmul measured here (the table says which). Finally it decodes one ``--large`` picture tiled
+and untiled and reports the peak memory of each.
+
+Examples::
+
+    python bench/gpu_bench.py --device auto --sizes 512 1024 --out table.md   # a GPU
+    python bench/gpu_bench.py --device cpu                                      # 128², 256²
+
+End to end needs PostgreSQL and Redis (``--database-url``, ``--broker-url``); without them that
+part is skipped, saying so. Nothing here is a test: no assertion, only measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+# Dense tensor-core peaks from the datasheets, TFLOP/s: (fp16/bf16, tf32, fp32 without tensor
+# cores). Matched against torch.cuda.get_device_name(), first hit wins.
+PEAKS: list[tuple[tuple[str, ...], str, tuple[float, float, float]]] = [
+    (("H200",), "H200 (SXM)", (989.0, 494.0, 67.0)),
+    (("H100", "PCIE"), "H100 PCIe", (756.0, 378.0, 51.0)),
+    (("H100", "NVL"), "H100 NVL", (835.0, 418.0, 60.0)),
+    (("H100",), "H100 SXM", (989.0, 494.0, 67.0)),
+    (("A100",), "A100", (312.0, 156.0, 19.5)),
+    (("L40S",), "L40S", (362.0, 183.0, 91.6)),
+    (("L4",), "L4", (121.0, 60.0, 30.3)),
+    (("A10",), "A10", (125.0, 62.5, 31.2)),
+    (("4090",), "RTX 4090", (165.0, 82.6, 82.6)),
+]
+
+
+@dataclass
+class Row:
+    op: str  # encode / decode
+    size: int
+    path: str  # seed / ours / e2e / tiled / untiled
+    batch: int
+    dtype: str
+    images: int
+    seconds: float
+    peak: int | None = None
+    flops: float | None = None  # per image
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ips(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--sizes", type=int, nargs="+", help="square sizes (GPU 512 1024; CPU 128 256)")
+    p.add_argument("--dtype", help="ours/e2e precision (GPU float16; CPU float32)")
+    p.add_argument("--batch", type=int, help="images per forward pass (GPU 16; CPU 2)")
+    p.add_argument("--count", type=int, help="images per measurement (GPU 64; CPU 2)")
+    p.add_argument("--e2e-count", type=int, help="rows for end to end (GPU 256; CPU --count)")
+    p.add_argument("--compile", action="store_true", help="torch.compile ours and the worker")
+    p.add_argument("--large", type=int, help="tiled decode peak memory size (GPU 2048; CPU 256)")
+    p.add_argument(
+        "--tile-size", type=int, help="TILE_SIZE for the large decode (GPU 512; CPU 128)"
+    )
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end measurement")
+    p.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--broker-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the table (Markdown) to this file")
+    p.add_argument("--json", help="also write the raw measurements (JSON) to this file")
+    return p.parse_args()
+
+
+# --- set-up ------------------------------------------------------------------------------------
+
+
+def fill_defaults(args: argparse.Namespace, device) -> None:
+    gpu = device.type == "cuda"
+    args.sizes = args.sizes or ([512, 1024] if gpu else [128, 256])
+    args.dtype = args.dtype or ("float16" if gpu else "float32")
+    args.batch = args.batch or (16 if gpu else 2)
+    args.count = args.count or (64 if gpu else 2)
+    # Whole batches only: a remainder would be another shape (another cuDNN plan, a recompile).
+    args.count = max(args.batch, args.count // args.batch * args.batch)
+    # End to end runs longer so its fixed costs (the first batch's pixels, the last write-back,
+    # noticing the end) weigh as they would on a busy worker, not as in a 0.1 s sprint.
+    args.e2e_count = args.e2e_count or (256 if gpu else args.count)
+    args.e2e_count = max(args.batch, args.e2e_count // args.batch * args.batch)
+    args.large = args.large if args.large is not None else (2048 if gpu else 256)
+    args.tile_size = args.tile_size or (512 if gpu else 128)
+
+
+def build_model(directory: Path, seed: int) -> Path:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(**SD_VAE).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def latentstore_config(model_dir: Path, args: argparse.Namespace, device) -> dict[str, Any]:
+    entry = {
+        "PRETRAINED": str(model_dir),
+        "FAMILY": "sd",
+        "DTYPE": args.dtype,
+        "CPU_DTYPE": args.dtype if device.type == "cpu" else "float32",
+        "DEVICE": str(device),
+        "CHANNELS_LAST": True,
+        "COMPILE": bool(args.compile),
+    }
+    return {
+        "AUTOENCODERS": {"default": entry},
+        "ENCODE_BATCH_SIZE": args.batch,
+        "DECODE_BATCH_SIZE": args.batch,
+    }
+
+
+def pictures(size: int, count: int, seed: int):
+    """Smooth random pictures (upsampled noise): natural-ish statistics, cheap to make."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        small = rng.integers(0, 256, size=(max(2, size // 32),) * 2 + (3,), dtype=np.uint8)
+        out.append(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC))
+    return out
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def timed(device, fn) -> float:
+    from workers.memory import synchronize
+
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(device, fn) -> tuple[float, int]:
+    """Seconds and peak memory of ``fn()``; on CPU the peak is RSS above the level before."""
+    from workers.memory import peak_bytes, reset_peak
+
+    reset_peak(device)
+    base, _kind = peak_bytes(device)
+    seconds = timed(device, fn)
+    peak, _kind = peak_bytes(device)
+    return seconds, (peak if device.type == "cuda" else max(0, peak - base))
+
+
+def count_flops(size: int) -> tuple[float, float]:
+    """FLOPs of one encode and one decode of a ``size``² picture.
+
+    Counted by ``FlopCounterMode`` on one forward pass of the same architecture on the ``meta``
+    device: the counter needs only shapes, so this costs no compute at any size.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = AutoencoderKL(**SD_VAE).eval()
+        x = torch.empty(1, 3, size, size)
+        z = torch.empty(1, 4, size // 8, size // 8)
+    counts = []
+    for run in (lambda: model.encode(x).latent_dist.mean, lambda: model.decode(z).sample):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            run()
+        counts.append(float(counter.get_total_flops()))
+    return counts[0], counts[1]
+
+
+def peak_tflops(device, dtype: str) -> tuple[float, str]:
+    """The device's dense peak for ``dtype``: datasheet when known, else a measured matmul."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).upper()
+        for needles, label, (half, tf32, fp32) in PEAKS:
+            if all(n in name for n in needles):
+                if dtype in ("float16", "bfloat16"):
+                    return half, f"{label} datasheet, dense {dtype}"
+                if torch.backends.cudnn.allow_tf32:
+                    return tf32, f"{label} datasheet, dense TF32 (cuDNN convolutions use TF32)"
+                return fp32, f"{label} datasheet, fp32"
+    return measured_matmul_tflops(device, dtype), f"measured {dtype} matmul"
+
+
+def measured_matmul_tflops(device, dtype: str) -> float:
+    import torch
+
+    n = 8192 if device.type == "cuda" else 2048
+    torch_dtype = getattr(torch, dtype)
+    if device.type == "cpu" and torch_dtype != torch.float32:
+        torch_dtype = torch.float32  # CPU half matmuls are emulated: not a peak
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    for _ in range(3):
+        a @ b
+    reps = 20 if device.type == "cuda" else 3
+    best = min(timed(device, lambda: [a @ b for _ in range(reps)]) for _ in range(3))
+    return 2 * n**3 * reps / best / 1e12
+
+
+# --- the three paths ---------------------------------------------------------------------------
+
+
+def seed_encode(model, images, device) -> list:
+    """The seed: one image at a time, float32, plain diffusers."""
+    import torch
+
+    from workers.images import to_tensor
+
+    out = []
+    with torch.no_grad():
+        for img in images:
+            x, _r, _b = to_tensor(img, 8)
+            out.append(model.encode(x.to(device)).latent_dist.mean.cpu())
+    return out
+
+
+def seed_decode(model, latents, device, size: int) -> list:
+    import torch
+
+    from workers.images import to_pil
+
+    out = []
+    with torch.no_grad():
+        for z in latents:
+            z = torch.from_numpy(z).unsqueeze(0).to(device)
+            out.append(to_pil(model.decode(z).sample[0], size, size))
+    return out
+
+
+def run_e2e(args, device, sizes: list[int], config: dict[str, Any], log) -> list[Row]:
+    """Rows saved in one transaction, encoded by a Celery worker process, read back."""
+    import numpy as np
+    from django.db import transaction
+    from django.test.utils import setup_databases, teardown_databases
+
+    from latentstore import encoding
+    from latentstore.latents import unpack
+    from project.models import Photo
+
+    old = setup_databases(verbosity=0, interactive=False)
+    worker = None
+    rows: list[Row] = []
+    try:
+        from urllib.parse import quote
+
+        from django.db import connection
+
+        db = connection.settings_dict
+        credentials = quote(db["USER"] or "") + (
+            ":" + quote(db["PASSWORD"]) if db.get("PASSWORD") else ""
+        )
+        url = f"postgresql://{credentials}@{db['HOST']}:{db['PORT']}/{quote(db['NAME'])}"
+        env = {**os.environ, "DATABASE_URL": url}
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "project",
+                "--quiet",
+                "worker",
+                "-P",
+                "solo",
+                "-Q",
+                "latents.encode",
+                "--loglevel=WARNING",
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+                "-n",
+                f"bench-{os.getpid()}@%h",
+            ],
+            env=env,
+            cwd=ROOT,
+        )
+
+        def save(blobs: list[bytes]) -> tuple[list[tuple[int, str]], float]:
+            """Stage rows as the web tier would (bulk_create: no messages yet); not timed."""
+            start = time.perf_counter()
+            with transaction.atomic():
+                created = Photo.objects.bulk_create(
+                    [Photo(title="bench", image=b) for b in blobs], batch_size=64
+                )
+            pointers = [(p.pk, str(p.image_token)) for p in created]
+            return pointers, time.perf_counter() - start
+
+        # Checking for the end costs a query; on a small CPU box frequent checks would steal the
+        # worker's cores (the seconds measured there are long anyway).
+        poll = 0.002 if device.type == "cuda" else 0.05
+
+        def encode_and_read_back(pointers: list[tuple[int, str]], timeout: float) -> float:
+            """From the batch messages to the latents read back: the worker's end to end."""
+            pks = [pk for pk, _token in pointers]
+            start = time.perf_counter()
+            encoding.enqueue_encode_batch("demo.Photo", "image", pointers)
+            deadline = time.monotonic() + timeout
+            pending = Photo.objects.filter(pk__in=pks).exclude(image_state__in=["ready", "failed"])
+            while pending.exists():
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with {worker.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rows not encoded within {timeout} s")
+                time.sleep(poll)
+            blobs_back = Photo.objects.filter(pk__in=pks).values_list("image", flat=True)
+            arrays = [unpack(bytes(b))[1] for b in blobs_back if b is not None]
+            seconds = time.perf_counter() - start
+            if len(arrays) != len(pks) or not all(np.isfinite(a).all() for a in arrays):
+                raise RuntimeError(f"{len(pks) - len(arrays)} rows did not encode")
+            return seconds
+
+        for size in sizes:
+            blobs = []
+            for img in pictures(size, args.e2e_count, args.seed + size):
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=95)
+                blobs.append(buf.getvalue())
+            # Warm-up: the worker loads the model (first size only) and plans this shape.
+            encode_and_read_back(save(blobs[: args.batch])[0], timeout=1800)
+            pointers, save_seconds = save(blobs)
+            seconds = encode_and_read_back(pointers, timeout=1800)
+            count = len(pointers)
+            log(f"  e2e encode {size}²: {count / seconds:.2f} images/s")
+            rows.append(Row("encode", size, "e2e", args.batch, args.dtype, count, seconds))
+            rows[-1].note = f"{count} rows; saving them took {save_seconds:.2f} s, not counted"
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        teardown_databases(old, verbosity=0)
+    return rows
+
+
+def services_available(args) -> str | None:
+    import socket
+    from urllib.parse import urlparse
+
+    for url in (args.database_url, args.broker_url):
+        parts = urlparse(url)
+        try:
+            with socket.create_connection((parts.hostname, parts.port), timeout=1):
+                pass
+        except OSError:
+            return f"{parts.scheme} at {parts.hostname}:{parts.port} is not reachable"
+    return None
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def gib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def table(rows: list[Row], peak: dict[str, tuple[float, str]], header: list[str]) -> str:
+    lines = [*header, ""]
+    lines.append(
+        "| op | size | path | batch | dtype | images/s | ratio | peak memory | TFLOP/s | of peak |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    by_key = {(r.op, r.size, r.path): r for r in rows}
+    for r in rows:
+        ratio = ""
+        if r.path == "ours" and (r.op, r.size, "seed") in by_key:
+            ratio = f"{r.ips / by_key[(r.op, r.size, 'seed')].ips:.2f}× seed"
+        elif r.path == "e2e" and (r.op, r.size, "ours") in by_key:
+            ratio = f"{r.ips / by_key[(r.op, r.size, 'ours')].ips:.2f}× ours"
+        achieved = fraction = "—"
+        if r.flops:
+            tflops = r.flops * r.ips / 1e12
+            achieved = f"{tflops:.2f}"
+            top, _source = peak[r.dtype]
+            fraction = f"{100 * tflops / top:.1f} %"
+        ips = "—" if r.path in ("tiled", "untiled") else f"{r.ips:.2f}"
+        label = r.path + (f" ({r.note})" if r.note else "")
+        lines.append(
+            f"| {r.op} | {r.size}² | {label} | {r.batch} | {r.dtype} | {ips} | {ratio} | "
+            f"{gib(r.peak)} | {achieved} | {fraction} |"
+        )
+    lines.append("")
+    for dtype, (top, source) in peak.items():
+        lines.append(f"- peak {dtype}: {top:.3g} TFLOP/s ({source})")
+    return "\n".join(lines) + "\n"
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    args = parse_args()
+    import torch
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    fill_defaults(args, device)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="latentstore-bench-"))
+    model_dir = build_model(workdir / "sd-vae", args.seed)
+    config = latentstore_config(model_dir, args, device)
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "bench.settings",
+            "LATENTSTORE_BENCH": json.dumps(config),
+            "LATENTSTORE_VAR_DIR": str(workdir / "var"),
+            "DATABASE_URL": args.database_url,
+            "CELERY_BROKER_URL": args.broker_url,
+            "CELERY_BROKER_KEYPREFIX": f"lsbench-{uuid.uuid4().hex[:8]}:",
+            "LATENTSTORE_BENCH_DB": f"latentstore_bench_{os.getpid()}",
+        }
+    )
+    import django
+
+    django.setup()
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    from workers.autoencoders import load_autoencoder
+
+    ours = load_autoencoder("default")
+    import importlib.util
+
+    seed_model = AutoencoderKL.from_pretrained(
+        model_dir,
+        use_safetensors=True,
+        low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+    )
+    seed_model = seed_model.to(device).eval()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = name or platform.machine()
+    log(f"device {device} ({name}); ours: {ours.dtype}, batch {args.batch}, compile {args.compile}")
+
+    peak = {"float32": peak_tflops(device, "float32")}
+    peak[args.dtype] = peak_tflops(device, args.dtype)
+    rows: list[Row] = []
+    for size in args.sizes:
+        rows += bench_size(size, args, device, ours, seed_model, log)
+
+    e2e_note = "skipped (--no-e2e)" if args.no_e2e else services_available(args)
+    if e2e_note is None:
+        try:
+            e2e_rows = run_e2e(args, device, args.sizes, config, log)
+        except Exception as exc:  # report, and still print the rest
+            e2e_note = f"failed: {type(exc).__name__}: {exc}"
+        else:
+            for row in e2e_rows:
+                at = next(
+                    i
+                    for i, r in enumerate(rows)
+                    if (r.op, r.size, r.path) == ("encode", row.size, "ours")
+                )
+                row.flops = rows[at].flops
+                rows.insert(at + 1, row)
+    if e2e_note:
+        log(f"  end to end: {e2e_note}")
+
+    if args.large:
+        rows += large_decode(args, device, ours, log)
+
+    header = [
+        f"# latentstore GPU benchmark — {datetime.date.today().isoformat()}",
+        "",
+        f"- command: `python bench/gpu_bench.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- device: {device} — {name}; torch {torch.__version__}, "
+        f"diffusers {diffusers.__version__}",
+        f"- model: full SD VAE architecture, random weights (seed {args.seed}); ours: "
+        f"{args.dtype}, channels_last, compile={args.compile}; seed: float32, one at a time",
+        f"- images per measurement: {args.count}; peak memory: "
+        + (
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "peak RSS above the level before the measurement (VmHWM)"
+        ),
+    ]
+    if e2e_note:
+        header.append(f"- end to end: {e2e_note}")
+    text = table(rows, peak, header)
+    print()
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps([{**r.__dict__, "ips": r.ips} for r in rows], indent=2, default=str)
+        )
+    log("done")
+    return 0
+
+
+def bench_size(size: int, args, device, ours, seed_model, log) -> list[Row]:
+    """Seed and ours, encode and decode, at one size."""
+
+    from workers.codec import decode_many, encode_many
+
+    images = pictures(size, args.count, args.seed + size)
+    enc_flops, dec_flops = count_flops(size)
+    # Warm-ups at full size where they matter (cuDNN plans, compilation); a token one on CPU.
+    warm = images if device.type == "cuda" or args.compile else pictures(64, args.batch, 1)
+    rows = []
+
+    seed_encode(seed_model, warm[:1], device)  # warm-up
+    seconds, mem = measure(device, lambda: seed_encode(seed_model, images, device))
+    rows.append(Row("encode", size, "seed", 1, "float32", args.count, seconds, mem, enc_flops))
+    log(f"  seed encode {size}²: {args.count / seconds:.2f} images/s")
+
+    encode_many(ours, warm[: args.batch])  # warm-up
+    result: dict[str, Any] = {}
+    seconds, mem = measure(device, lambda: result.update(o=encode_many(ours, images)))
+    rows.append(Row("encode", size, "ours", args.batch, args.dtype, args.count, seconds, mem))
+    rows[-1].flops = enc_flops
+    rows[-1].note = _note(result["o"])
+    log(f"  ours encode {size}²: {args.count / seconds:.2f} images/s {rows[-1].note}")
+    latents = [o.value for o in result["o"] if o.ok]
+
+    warm_latents = [o.value for o in encode_many(ours, warm[: args.batch])]
+    warm_size = warm[0].width
+    seed_decode(seed_model, warm_latents[:1], device, warm_size)  # warm-up
+    seconds, mem = measure(device, lambda: seed_decode(seed_model, latents, device, size))
+    rows.append(Row("decode", size, "seed", 1, "float32", len(latents), seconds, mem, dec_flops))
+    log(f"  seed decode {size}²: {len(latents) / seconds:.2f} images/s")
+
+    items = [(z, size, size) for z in latents]
+    decode_many(ours, [(z, warm_size, warm_size) for z in warm_latents])  # warm-up
+    seconds, mem = measure(device, lambda: result.update(d=decode_many(ours, items)))
+    rows.append(Row("decode", size, "ours", args.batch, args.dtype, len(items), seconds, mem))
+    rows[-1].flops = dec_flops
+    rows[-1].note = _note(result["d"])
+    log(f"  ours decode {size}²: {len(items) / seconds:.2f} images/s {rows[-1].note}")
+    return rows
+
+
+def _note(outcomes) -> str:
+    reruns = sum(o.float32_rerun for o in outcomes)
+    failed = sum(not o.ok for o in outcomes)
+    parts = [f"{reruns} float32 re-runs"] if reruns else []
+    parts += [f"{failed} failed"] if failed else []
+    return ", ".join(parts)
+
+
+def _large_once(device, ae, z, size: int, path: str, tile: int) -> Row:
+    from workers.codec import decode_many
+
+    outcome: dict[str, Any] = {}
+    seconds, mem = measure(device, lambda: outcome.update(o=decode_many(ae, [(z, size, size)])))
+    (result,) = outcome["o"]
+    note = f"tile {tile}" if path == "tiled" else ""
+    if path == "untiled" and result.tiled:
+        note = "ran out of memory untiled; retried tiled"
+    if not result.ok:
+        note = f"failed: {result.error}"
+    dtype = str(ae.dtype).removeprefix("torch.")
+    return Row("decode", size, path, 1, dtype, 1, seconds, mem, note=note)
+
+
+def large_decode(args, device, ae, log) -> list[Row]:
+    """Peak memory of one ``--large`` decode, tiled (``--tile-size``) and untiled."""
+    import numpy as np
+
+    size = args.large
+    z = np.random.default_rng(args.seed).normal(size=(4, size // 8, size // 8)).astype(np.float32)
+    saved = (ae.tile_above_pixels, ae.tile_size, ae.model.tile_sample_min_size)
+    rows = []
+    try:
+        ae.tile_size = ae.model.tile_sample_min_size = args.tile_size
+        ae.model.tile_latent_min_size = args.tile_size // ae.downsample
+        for path, threshold in (("tiled", 0), ("untiled", None)):
+            ae.tile_above_pixels = threshold
+            rows.append(_large_once(device, ae, z, size, path, args.tile_size))
+            log(f"  {path} decode {size}²: peak {gib(rows[-1].peak)} {rows[-1].note}")
+    finally:
+        ae.tile_above_pixels, ae.tile_size, ae.model.tile_sample_min_size = saved
+        ae.model.tile_latent_min_size = saved[2] // ae.downsample
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Decoding many rows at once: one cache round trip, batched forward passes, per-item errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from django.core.cache import caches
+from PIL import Image
+
+from latentstore import cache as latent_cache
+from latentstore.decoding import decode_many
+from latentstore.fields import LatentsNotReady
+from project.models import Photo
+from tests.conftest import broker_unreachable, latentstore_config, requires_redis
+from tests.test_batch_tasks import wait_all
+from tests.test_batching import watch
+from tests.test_field import encode_now
+from tests.tiny import image_bytes, make_test_image
+from workers.autoencoders import load_autoencoder
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def ready_photos(sizes) -> list[Photo]:
+    photos = []
+    for i, size in enumerate(sizes):
+        with broker_unreachable():
+            photo = Photo.objects.create(
+                title=f"d{i}", image=image_bytes(make_test_image(*size, seed=i), "PNG")
+            )
+        encode_now(photo)
+        assert photo.image.state == "ready"
+        photos.append(photo)
+    return photos
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), int)
+
+
+def test_decode_many_batches_the_misses_and_matches_one_by_one():
+    photos = ready_photos([(40, 24), (40, 24), (40, 24), (64, 48)])
+    singles = [np.asarray(p.image.decode(), int) for p in photos]
+    caches["default"].clear()
+    latent_cache.reset()  # and the per-process LRU in front of it
+    ae = load_autoencoder("default")
+    with watch(ae.model.decoder) as shapes:
+        pictures = decode_many([p.image for p in photos])
+    assert sorted(s[0] for s in shapes) == [1, 3]  # one forward pass per latent size
+    for data, single in zip(pictures, singles, strict=True):
+        assert np.abs(pixels(data) - single).max() <= 1
+    # Now everything is cached: no model runs at all.
+    with watch(ae.model.decoder) as shapes:
+        again = decode_many([p.image for p in photos])
+    assert shapes == [] and again == pictures
+
+
+def test_decode_many_sizes_and_errors_per_item():
+    ready = ready_photos([(40, 24), (40, 24)])
+    with broker_unreachable():
+        pending = Photo.objects.create(title="p", image=image_bytes(make_test_image(8, 8), "PNG"))
+    images = [ready[0].image, pending.image, ready[1].image]
+    with pytest.raises(LatentsNotReady):
+        decode_many(images, size=20)
+    results = decode_many(images, size=20, return_exceptions=True)
+    assert isinstance(results[1], LatentsNotReady)
+    assert [Image.open(io.BytesIO(results[i])).size for i in (0, 2)] == [(20, 12), (20, 12)]
+    rgb = decode_many([ready[0].image], decoder="rgb", format="webp")
+    assert Image.open(io.BytesIO(rgb[0])).format == "WEBP"
+    # The same picture twice is decoded once and returned twice.
+    twice = decode_many([ready[0].image, ready[0].image], size=10)
+    assert twice[0] == twice[1] and Image.open(io.BytesIO(twice[0])).size == (10, 6)
+
+
+@requires_redis
+def test_decode_many_on_workers_sends_batch_tasks(settings, tiny_vae_dir, celery_worker):
+    settings.LATENTSTORE = latentstore_config(
+        tiny_vae_dir,
+        CACHE="redis",
+        DECODE_BATCH_SIZE=2,
+        DECODERS={
+            "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}}
+        },
+    )
+    try:
+        photos = [
+            Photo.objects.create(
+                title=f"w{i}", image=image_bytes(make_test_image(40, 24, seed=i), "PNG")
+            )
+            for i in range(3)
+        ]
+        wait_all(photos)
+        ae = load_autoencoder("default")
+        with watch(ae.model.decoder) as shapes:
+            pictures = decode_many([p.image for p in photos], size=20)
+        assert sorted(s[0] for s in shapes) == [1, 2]  # DECODE_BATCH_SIZE rows per task
+        assert [Image.open(io.BytesIO(d)).size for d in pictures] == [(20, 12)] * 3
+        Photo.objects.filter(pk=photos[0].pk).update(image_digest="gone")  # a miss again
+        photos[0].refresh_from_db()
+        Photo.objects.filter(pk=photos[0].pk).delete()
+        (missing,) = decode_many([photos[0].image], size=20, return_exceptions=True)
+        assert "does not exist" in str(missing)
+    finally:
+        caches["redis"].clear()

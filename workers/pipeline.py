@@ -1,0 +1,346 @@
+"""One encode task's work: claim rows, read their pixels, encode in batches, write back.
+
+The path of a batch, with the database round trips it costs (O(1) per forward pass, not per
+row):
+
+1. :func:`latentstore.encoding.claim_batch` claims the named rows and, on PostgreSQL, fills the
+   batch with other pending rows of the field — one transaction, staged bytes included.
+2. A per-process thread pool decodes the uploads with Pillow (which releases the GIL); batches
+   are planned from the rows' width/height before any pixel is decoded.
+3. :func:`workers.codec.iter_encode` runs the batches (memory-bounded, OOM-split, NaN re-run in
+   float32) and hands back each batch's outcomes as soon as it is done.
+4. The per-item loop (:meth:`EncodeRun.finish_item`) turns each outcome into a blob, a failure,
+   or a retry; one :func:`~latentstore.encoding.write_back_many` per batch stores the blobs, and
+   the leases of the rows still waiting are renewed.
+
+**Pipelining.** The model should never wait for the database or for Pillow. While a batch is on
+the device, a background thread (its own database connection) writes the previous batch back
+and — on PostgreSQL — claims the next batch of pending rows of the same field, whose pictures the
+pixel pool then decodes. So one task keeps draining the field's backlog for up to
+``DRAIN_SECONDS``, back to back; the messages of the rows it took find them done and cost one
+query each. Inside a transaction (a task run eagerly in a test or a request) everything runs
+inline instead: another connection could not see the transaction's rows.
+
+Rows that were tried before (``attempts > 1``) run one per forward pass, after the others: if
+one of them is what killed the last worker, it cannot take its batch-mates down with it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import DatabaseError, InterfaceError, close_old_connections, connection, connections
+
+from latentstore import conf, encoding
+from latentstore.encoding import Claim
+from latentstore.latents import blob_digest, pack
+from workers.batching import NonFinite, Outcome, OutOfMemory
+from workers.codec import UnreadablePicture, iter_encode
+
+__all__ = ["BatchReport", "EncodeRun", "encode_rows", "pixel_pool"]
+
+logger = logging.getLogger("workers.pipeline")
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def pixel_pool() -> ThreadPoolExecutor:
+    """This process's thread pool for Pillow decoding (a forked child makes its own)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            threads = max(1, int(conf.get_settings()["PIXEL_THREADS"]))
+            _pool = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="pixels"))
+        return _pool[1]
+
+
+@dataclass
+class BatchReport:
+    """What one encode task did; ``items`` maps each ``str(pk)`` it touched to its fate."""
+
+    ready: int = 0
+    stale: int = 0
+    failed: int = 0
+    retried: int = 0
+    filled: int = 0  # rows claimed to fill batches, not named by the message
+    items: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "ready": self.ready,
+            "stale": self.stale,
+            "failed": self.failed,
+            "retried": self.retried,
+            "filled": self.filled,
+        }
+
+
+@dataclass
+class _Done:
+    claim: Claim
+    blob: bytes
+    digest: str
+
+
+@dataclass
+class _Unit:
+    """Claims of one autoencoder, their pictures (futures) and the batch size to run them at."""
+
+    alias: str
+    claims: list[Claim]
+    pictures: list[Future]
+    max_batch: int
+
+
+class _Background:
+    """Database work off the model's thread: one thread, one connection, in submission order.
+
+    Inline (``threaded=False``) it runs each job at once in the caller's thread.
+    """
+
+    def __init__(self, threaded: bool) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="latentstore-db") if threaded else None
+        self.jobs: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self.pool is not None:
+            future = self.pool.submit(fn, *args)
+        else:
+            future = Future()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+        self.jobs.append(future)
+        return future
+
+    def check(self) -> None:
+        """Raise the error of a job that has already failed (stop early, not after the drain)."""
+        for job in self.jobs:
+            if job.done() and job.exception() is not None:
+                raise job.exception()
+
+    def finish(self) -> None:
+        """Wait for every job and raise the first error; close the thread and its connection."""
+        jobs, self.jobs = self.jobs, []
+        try:
+            for job in jobs:
+                job.result()
+        finally:
+            if self.pool is not None:
+                pool, self.pool = self.pool, None
+                pool.submit(connections.close_all).result()
+                pool.shutdown()
+
+
+class EncodeRun:
+    """Encode the claimed rows of one model field (see the module docstring)."""
+
+    def __init__(self, label: str, field_name: str) -> None:
+        self.label = label
+        self.field_name = field_name
+        self.settings = conf.get_settings()
+        self.size = max(1, int(self.settings["ENCODE_BATCH_SIZE"]))
+        self.report = BatchReport()
+        self.lock = threading.Lock()  # the report is written from two threads
+        self.claimed: list[Claim] = []
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def run(self, items: Sequence[tuple[Any, str]], *, fill: bool) -> BatchReport:
+        fill = fill and bool(self.settings["FILL_BATCHES"])
+        claims = encoding.claim_batch(
+            self.label, self.field_name, items, fill=max(0, self.size - len(items)) if fill else 0
+        )
+        claimed = {str(c.pk) for c in claims}
+        for pk, _token in items:
+            if str(pk) not in claimed:
+                self.report.stale += 1
+                self.report.items.setdefault(str(pk), "stale")
+        drain = fill and encoding.can_fill() and not connection.in_atomic_block
+        deadline = time.monotonic() + float(self.settings.get("DRAIN_SECONDS") or 0)
+        background = _Background(threaded=not connection.in_atomic_block)
+        try:
+            units = self.prepare(claims)
+            while units:
+                following: Future | None = None
+                if drain and len(claims) >= self.size and time.monotonic() < deadline:
+                    following = background.submit(self.claim_more)
+                for unit in units:
+                    self.encode_unit(unit, background)
+                    background.check()
+                if following is None:
+                    break
+                claims, units = following.result()
+            background.finish()
+        except BaseException as exc:
+            try:
+                background.finish()
+            except BaseException:
+                logger.exception("Background database work failed too")
+            # Whatever stopped the run (a lost database, a bug, a time limit), the rows it had
+            # not finished go back to pending for the retry rather than wait out their lease.
+            unfinished = [c for c in self.claimed if str(c.pk) not in self.report.items]
+            try:
+                encoding.release(unfinished, f"Interrupted: {type(exc).__name__}: {exc}")
+            except Exception:
+                logger.exception("Could not release %d claimed rows", len(unfinished))
+            raise
+        return self.report
+
+    def claim_more(self) -> tuple[list[Claim], list[_Unit]]:
+        """The next batch of the field's backlog, its pictures already decoding."""
+        claims = encoding.claim_batch(self.label, self.field_name, [], fill=self.size)
+        return claims, self.prepare(claims)
+
+    def prepare(self, claims: list[Claim]) -> list[_Unit]:
+        """Group claims by autoencoder and start decoding their pictures."""
+        from latentstore.images import open_rgb
+
+        with self.lock:
+            self.claimed += claims
+            self.report.filled += sum(c.filled for c in claims)
+        matte = self.settings["ALPHA_BACKGROUND"]
+        pool = pixel_pool()
+        by_alias: dict[str, list[Claim]] = {}
+        for c in claims:
+            by_alias.setdefault(c.autoencoder, []).append(c)
+        units = []
+        for alias, group in by_alias.items():
+            fresh = [c for c in group if c.attempts <= 1]
+            tried = [c for c in group if c.attempts > 1]
+            for subset, max_batch in ((fresh, self.size), (tried, 1)):
+                if subset:
+                    pictures = [pool.submit(open_rgb, c.staged, background=matte) for c in subset]
+                    units.append(_Unit(alias, subset, pictures, max_batch))
+        return units
+
+    def encode_unit(self, unit: _Unit, background: _Background) -> None:
+        from workers.autoencoders import load_autoencoder
+
+        try:
+            ae = load_autoencoder(unit.alias)
+        except KeyError as exc:  # no such alias: a configuration error, not the image's fault
+            for c in unit.claims:
+                self.fail(c, str(exc.args[0]) if exc.args else str(exc))
+            return
+        except Exception as exc:
+            logger.exception("Loading autoencoder %r failed", unit.alias)
+            for c in unit.claims:
+                self.transient(c, f"Loading autoencoder {unit.alias!r} failed: {exc}")
+            return
+        claims = unit.claims
+        waiting = {id(c): c for c in claims}
+        sizes = [(c.width, c.height) for c in claims]
+        try:
+            for done in iter_encode(ae, unit.pictures, sizes=sizes, max_batch=unit.max_batch):
+                ready: list[_Done] = []
+                for index, outcome in done:  # the per-item result loop
+                    claim = claims[index]
+                    waiting.pop(id(claim), None)
+                    item = self.finish_item(ae, claim, outcome)
+                    if item is not None:
+                        ready.append(item)
+                background.submit(self.store, ready, list(waiting.values()))
+        finally:
+            for future in unit.pictures:  # a failed run must not leave decodes queued
+                future.cancel()
+
+    # --- per item -------------------------------------------------------------------------------
+
+    def finish_item(self, ae: Any, claim: Claim, outcome: Outcome) -> _Done | None:
+        """One item's outcome: a blob to write back, or a failure/retry recorded now.
+
+        A post-encode step for each item (a quality gate, say) belongs here, between the
+        latents and the blob.
+        """
+        error = outcome.error
+        if error is None:
+            blob = pack(
+                outcome.value,
+                autoencoder=ae.alias,
+                family=ae.family,
+                fingerprint=ae.fingerprint,
+                scaling_factor=ae.scaling_factor,
+                shift_factor=ae.shift_factor,
+                width=claim.width,
+                height=claim.height,
+                downsample=ae.downsample,
+                dtype=claim.latent_dtype,
+            )
+            return _Done(claim, blob, blob_digest(blob))
+        if isinstance(error, UnreadablePicture):
+            self.fail(claim, f"The image could not be read: {error}")
+        elif isinstance(error, NonFinite):
+            self.fail(claim, "The autoencoder produced non-finite latents (NaN/Inf), float32 too.")
+        elif isinstance(error, OutOfMemory):
+            self.transient(claim, str(error))
+        else:
+            logger.error(
+                "Encoding %s pk=%s failed: %s: %s",
+                claim.label,
+                claim.pk,
+                type(error).__name__,
+                error,
+                exc_info=error,
+            )
+            self.transient(claim, f"{type(error).__name__}: {error}")
+        return None
+
+    def record(self, claim: Claim, fate: str) -> None:
+        with self.lock:
+            setattr(self.report, fate, getattr(self.report, fate) + 1)
+            self.report.items[str(claim.pk)] = "retry" if fate == "retried" else fate
+
+    def fail(self, claim: Claim, message: str) -> None:
+        encoding.fail(claim, message)
+        self.record(claim, "failed")
+
+    def transient(self, claim: Claim, message: str) -> None:
+        """Retry the row later (a new message after a back-off), or fail it past the cap."""
+        if claim.attempts >= self.settings["MAX_ATTEMPTS"]:
+            self.fail(claim, f"Gave up after {claim.attempts} attempts to encode: {message}")
+            return
+        delays = self.settings["RETRY_DELAYS"]
+        delay = delays[min(claim.attempts - 1, len(delays) - 1)]
+        # Not before the back-off: workers filling batches leave it alone until then.
+        encoding.release([claim], f"Attempt {claim.attempts} failed: {message}", retry_after=delay)
+        encoding.enqueue_encode_batch(
+            claim.label, claim.field_name, [(claim.pk, claim.token)], countdown=delay
+        )
+        self.record(claim, "retried")
+
+    def store(self, ready: list[_Done], waiting: list[Claim]) -> None:
+        """Write a batch's blobs back (one transaction, retried briefly on a lost connection)
+        and renew the leases of the rows still waiting for their pass."""
+        if ready:
+            results = [(d.claim, d.blob, d.digest) for d in ready]
+            for attempt, pause in enumerate((0.5, 2.0, None)):
+                try:
+                    stored = encoding.write_back_many(results)
+                    break
+                except (DatabaseError, InterfaceError):
+                    if pause is None:
+                        raise
+                    logger.warning("Write-back failed (try %d); reconnecting", attempt + 1)
+                    close_old_connections()
+                    time.sleep(pause)
+            for done, ok in zip(ready, stored, strict=True):
+                self.record(done.claim, "ready" if ok else "stale")
+        if waiting:
+            encoding.renew(waiting)
+
+
+def encode_rows(
+    label: str, field_name: str, items: Sequence[tuple[Any, str]], *, fill: bool = True
+) -> BatchReport:
+    """Claim and encode the rows named by ``(pk, token)`` items (and fill/drain on PG)."""
+    return EncodeRun(label, field_name).run(items, fill=fill)
