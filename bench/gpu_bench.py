@@ -8,7 +8,7 @@ path; compute does not depend on the weights' values). For each size it measures
 
 1. **seed** — a plain diffusers loop, one image at a time, float32, default memory layout;
 2. **ours** — ``workers.codec.encode_many`` / ``decode_many``: batched, ``--dtype``,
-   channels_last, ``torch.compile`` with ``--compile``;
+   ``--channels-last`` and ``torch.compile`` (``--compile``) when asked;
 3. **e2e** — rows staged through the ORM (``bulk_create``, not timed), then timed from
    ``enqueue_encode_batch`` through a real Celery worker process (Redis, PostgreSQL: claim,
    Pillow decode, encode, write-back) to the latents read back and unpacked, compared with
@@ -106,6 +106,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--count", type=int, help="images per measurement (GPU 64; CPU 2)")
     p.add_argument("--e2e-count", type=int, help="rows for end to end (GPU 256; CPU --count)")
     p.add_argument("--compile", action="store_true", help="torch.compile ours and the worker")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels_last layout for ours and the worker (default: the setting's, off)",
+    )
     p.add_argument("--large", type=int, help="tiled decode peak memory size (GPU 2048; CPU 256)")
     p.add_argument(
         "--tile-size", type=int, help="TILE_SIZE for the large decode (GPU 512; CPU 128)"
@@ -154,7 +159,7 @@ def latentstore_config(model_dir: Path, args: argparse.Namespace, device) -> dic
         "DTYPE": args.dtype,
         "CPU_DTYPE": args.dtype if device.type == "cpu" else "float32",
         "DEVICE": str(device),
-        "CHANNELS_LAST": True,
+        "CHANNELS_LAST": bool(args.channels_last),
         "COMPILE": bool(args.compile),
     }
     return {
@@ -535,7 +540,8 @@ def main() -> int:
         f"- device: {device} — {name}; torch {torch.__version__}, "
         f"diffusers {diffusers.__version__}",
         f"- model: full SD VAE architecture, random weights (seed {args.seed}); ours: "
-        f"{args.dtype}, channels_last, compile={args.compile}; seed: float32, one at a time",
+        f"{args.dtype}, channels_last={args.channels_last}, compile={args.compile}; "
+        "seed: float32, one at a time",
         f"- images per measurement: {args.count}; peak memory: "
         + (
             "torch.cuda.max_memory_allocated"

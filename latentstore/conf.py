@@ -24,7 +24,10 @@ DEFAULT_AUTOENCODER: dict[str, Any] = {
     # How the worker runs it (see workers/autoencoders.py). DTYPE applies on GPUs; on CPU,
     # half-precision convolutions are slow or missing, so CPU_DTYPE (float32) is used there.
     "CPU_DTYPE": "float32",
-    "CHANNELS_LAST": True,
+    # channels_last memory layout. Off by default: measured on an H200 (README, "GPU
+    # benchmark"), eager GroupNorm in channels_last is 3x slower and costs more than the
+    # convolutions gain; with COMPILE it may pay off -- measure.
+    "CHANNELS_LAST": False,
     # torch.compile the encoder and decoder: False, True, or a dict of torch.compile kwargs.
     "COMPILE": False,
     # Images with more pixels than this are encoded/decoded tile by tile (bounded memory).

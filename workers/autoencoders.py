@@ -312,7 +312,7 @@ def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
     model.tile_sample_min_size = tile_size
     model.tile_latent_min_size = tile_size // downsample
     model.tile_overlap_factor = overlap
-    channels_last = bool(config.get("CHANNELS_LAST", True))
+    channels_last = bool(config.get("CHANNELS_LAST", False))
     if channels_last:
         # Convolutions on tensor cores want NHWC; inputs are made channels-last to match.
         model.to(memory_format=torch.channels_last)

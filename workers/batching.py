@@ -99,10 +99,26 @@ def run(
     for shape, indices in groups.items():
         step = _batch_size(ae, job.operation, shape, max_batch)
         work.extend((shape, indices[i : i + step]) for i in range(0, len(indices), step))
+    # The next batch's inputs are stacked (Pillow/numpy work, the copy to the device) while the
+    # current batch runs on the device, between launching its forward pass and waiting for it.
+    prefetched: dict[int, tuple[Any, BaseException | None]] = {}
+
+    def prefetch() -> None:
+        if not work:
+            return
+        _next_shape, upcoming = work[0]
+        if id(upcoming) in prefetched:
+            return
+        try:
+            prefetched[id(upcoming)] = (job.stack(upcoming, ae), None)
+        except Exception as exc:  # reported when that batch's turn comes, as without prefetch
+            prefetched[id(upcoming)] = (None, exc)
+
     while work:
         shape, indices = work.popleft()
         results: dict[int, Outcome] = {}
-        _run_batch(ae, job, shape, indices, results, work)
+        stacked = prefetched.pop(id(indices), None)
+        _run_batch(ae, job, shape, indices, results, work, stacked=stacked, prefetch=prefetch)
         yield sorted(results.items())
 
 
@@ -124,9 +140,17 @@ def _run_batch(
     indices: list[int],
     results: dict[int, Outcome],
     work: deque,
+    *,
+    stacked: tuple[Any, BaseException | None] | None = None,
+    prefetch: Any = None,
 ) -> None:
     try:
-        x, failed, moved = job.stack(indices, ae)
+        if stacked is None:
+            x, failed, moved = job.stack(indices, ae)
+        elif stacked[1] is not None:
+            raise stacked[1]
+        else:
+            x, failed, moved = stacked[0]
     except Exception as exc:
         if len(indices) == 1:
             results[indices[0]] = Outcome(error=exc)
@@ -142,7 +166,9 @@ def _run_batch(
     live = [i for i in indices if i not in failed and i not in moved]
     if live and x is not None:
         tiled = ae.should_tile(shape[1], shape[0])
-        _forward(ae, job, shape, live, x, tiled, results)
+        _forward(ae, job, shape, live, x, tiled, results, prefetch=prefetch)
+    elif prefetch is not None:
+        prefetch()
 
 
 def _forward(
@@ -153,12 +179,20 @@ def _forward(
     x: torch.Tensor,
     tiled: bool,
     results: dict[int, Outcome],
+    *,
+    prefetch: Any = None,
 ) -> None:
     error: BaseException | None = None
     try:
         with ae.tiling(tiled), torch.inference_mode():
             output = job.forward(ae, x)
-            finite = torch.isfinite(output).flatten(1).all(dim=1).tolist()
+            flags = torch.isfinite(output).flatten(1).all(dim=1)
+        # The device is busy with this batch: stack the next one now. Outside inference mode,
+        # so its inputs are ordinary tensors like the first batch's (a compiled model would
+        # otherwise compile a second graph for inference-mode inputs).
+        if prefetch is not None:
+            prefetch()
+        finite = flags.tolist()
     except Exception as exc:
         error = exc
         if is_out_of_memory(exc):
