@@ -114,13 +114,18 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 hint="Name an alias of CACHES.",
             )
         )
-    if settings["LATENT_DTYPE"] not in ("float16", "int8"):
+    from latentstore.latents import STORAGE_DTYPES
+
+    if settings["LATENT_DTYPE"] not in STORAGE_DTYPES:
         errors.append(
             checks.Error(
-                f"LATENT_DTYPE {settings['LATENT_DTYPE']!r} is not 'float16' or 'int8'.",
+                f"LATENT_DTYPE {settings['LATENT_DTYPE']!r} is not one of "
+                f"{', '.join(map(repr, STORAGE_DTYPES))}.",
                 id="latentstore.E015",
             )
         )
+
+    errors += _check_quality_settings(settings)
 
     try:
         from celery import current_app
@@ -369,4 +374,41 @@ def _check_worker_settings(settings: dict[str, Any]) -> list[checks.CheckMessage
                     "{'mode': 'max-autotune'}.",
                 )
             )
+    return errors
+
+
+def _check_quality_settings(settings: dict[str, Any]) -> list[checks.CheckMessage]:
+    import math
+
+    from latentstore.quality import KEEP_LOW_FIDELITY
+
+    errors = []
+    if settings["KEEP_ORIGINAL"] not in (True, False, KEEP_LOW_FIDELITY):
+        errors.append(
+            checks.Error(
+                f"KEEP_ORIGINAL {settings['KEEP_ORIGINAL']!r} is not True, False or "
+                f"{KEEP_LOW_FIDELITY!r}.",
+                id="latentstore.E034",
+            )
+        )
+    if settings["QUALITY_CHECK"] not in (True, False):
+        errors.append(
+            checks.Error(
+                f"QUALITY_CHECK {settings['QUALITY_CHECK']!r} is not True or False.",
+                id="latentstore.E035",
+            )
+        )
+    min_psnr = settings["MIN_PSNR"]
+    if (
+        isinstance(min_psnr, bool)
+        or not isinstance(min_psnr, int | float)
+        or not math.isfinite(min_psnr)
+    ):
+        errors.append(
+            checks.Error(
+                f"MIN_PSNR {min_psnr!r} is not a number of decibels.",
+                id="latentstore.E036",
+                hint="A PSNR threshold such as 20.0.",
+            )
+        )
     return errors

@@ -54,8 +54,13 @@ DEFAULTS: dict[str, Any] = {
     "MAX_UPLOAD_BYTES": 50 * 1024 * 1024,
     # Background that transparent pixels are composited onto before encoding.
     "ALPHA_BACKGROUND": (255, 255, 255),
-    # Keep the original upload in a Django storage after encoding (else it is discarded).
+    # Keep the original upload in a Django storage after encoding (else it is discarded):
+    # True, False, or "low_fidelity" (only rows whose round-trip PSNR is below MIN_PSNR).
     "KEEP_ORIGINAL": False,
+    # Encode-time quality gate: decode right after encoding, store the round-trip PSNR.
+    "QUALITY_CHECK": False,
+    # Rows whose round-trip PSNR (dB) is below this are low-fidelity.
+    "MIN_PSNR": 20.0,
     "ORIGINALS_STORAGE": "default",  # a STORAGES alias
     "ORIGINALS_PREFIX": "latentstore/originals/",
     # Celery routing and recovery.

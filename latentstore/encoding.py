@@ -42,6 +42,7 @@ from django.utils import timezone
 
 from latentstore import conf
 from latentstore.fields import ENCODING, FAILED, PENDING, READY, LatentImageField
+from latentstore.quality import MAX_PSNR, QualityPolicy
 
 logger = logging.getLogger("latentstore.encoding")
 
@@ -193,7 +194,7 @@ class Claim:
     width: int
     height: int
     latent_dtype: str
-    keep_original: bool
+    quality: QualityPolicy  # the quality gate and whether the original is kept
     filled: bool = False  # taken to fill a batch, not named by the message
 
     @property
@@ -307,7 +308,7 @@ def claim_batch(
                     .values_list(*[w if w == "pk" else col(w) for w in wanted])
                     .order_by()
                 )
-    keep = field.keep_original if field.keep_original is not None else settings["KEEP_ORIGINAL"]
+    quality = QualityPolicy.for_field(field)
     order_of = {str(pk): n for n, pk in enumerate([*named_pks, *filled_pks])}
     rows.sort(key=lambda row: order_of.get(str(row[0]), len(order_of)))
     filled = {str(pk) for pk in filled_pks}
@@ -338,7 +339,7 @@ def claim_batch(
                 width=width,
                 height=height,
                 latent_dtype=field.latent_dtype or settings["LATENT_DTYPE"],
-                keep_original=bool(keep),
+                quality=quality,
                 filled=str(pk) in filled,
             )
         )
@@ -398,7 +399,10 @@ def _original_name(claim: Claim) -> str:
     return f"{prefix}{claim.label.lower()}/{claim.field_name}/{claim.pk}-{claim.token}"
 
 
-def write_back_many(results: Sequence[tuple[Claim, bytes, str]]) -> list[bool]:
+def write_back_many(
+    results: Sequence[tuple[Claim, bytes, str]],
+    psnrs: Sequence[float | None] | None = None,
+) -> list[bool]:
     """Store each ``(claim, blob, digest)`` if its row still carries the claim's token.
 
     One transaction and two queries for the whole list: the eligible rows are locked
@@ -406,16 +410,23 @@ def write_back_many(results: Sequence[tuple[Claim, bytes, str]]) -> list[bool]:
     token), then one ``UPDATE`` writes every blob. Returns, per item, whether it was stored;
     False means stale (dropped, logged). Kept originals are saved to storage first and deleted
     again for the dropped items. All claims must be of one model and field.
+
+    ``psnrs`` (one per item, None where the gate is off) are the round-trip PSNRs the quality
+    gate measured: stored in ``<field>_psnr`` and, with ``keep_original="low_fidelity"``,
+    deciding whether the original is kept.
     """
     if not results:
         return []
     first = results[0][0]
     model, field = get_field(first.label, first.field_name)
     col = field.companion_attname
+    if psnrs is None:
+        psnrs = [None] * len(results)
+    psnrs = [None if p is None else min(float(p), MAX_PSNR) for p in psnrs]
     storage_names: list[str] = []
-    for claim, _blob, _digest in results:
+    for (claim, _blob, _digest), psnr in zip(results, psnrs, strict=True):
         name = ""
-        if claim.keep_original:
+        if claim.quality.keeps_original(psnr):
             name = originals_storage().save(_original_name(claim), ContentFile(claim.staged))
         storage_names.append(name)
     pk_field = model._meta.pk
@@ -426,8 +437,8 @@ def write_back_many(results: Sequence[tuple[Claim, bytes, str]]) -> list[bool]:
         rows = model._base_manager.filter(match).exclude(**{col("state"): READY})
         eligible = {str(pk) for pk in rows.select_for_update().values_list("pk", flat=True)}
         chosen = [
-            (pk_field.to_python(claim.pk), blob, digest, name, claim)
-            for (claim, blob, digest), name in zip(results, storage_names, strict=True)
+            (pk_field.to_python(claim.pk), blob, digest, name, claim, psnr)
+            for (claim, blob, digest), name, psnr in zip(results, storage_names, psnrs, strict=True)
             if str(pk_field.to_python(claim.pk)) in eligible
         ]
         if chosen:
@@ -440,7 +451,7 @@ def write_back_many(results: Sequence[tuple[Claim, bytes, str]]) -> list[bool]:
 
             updated = (
                 model._base_manager.filter(
-                    _matching(field, [(c.pk, c.token) for *_rest, c in chosen])
+                    _matching(field, [(item[4].pk, item[4].token) for item in chosen])
                 )
                 .exclude(**{col("state"): READY})
                 .update(
@@ -452,6 +463,7 @@ def write_back_many(results: Sequence[tuple[Claim, bytes, str]]) -> list[bool]:
                             *[When(pk=item[0], then=Value(item[4].autoencoder)) for item in chosen],
                             output_field=models.CharField(),
                         ),
+                        col("psnr"): per_row(5, models.FloatField()),
                     },
                     **_columns(field, state=READY, error="", staged=None, changed=now),
                 )
@@ -476,9 +488,12 @@ def write_back_many(results: Sequence[tuple[Claim, bytes, str]]) -> list[bool]:
     return stored
 
 
-def write_back(claim: Claim, blob: bytes, digest: str) -> bool:
-    """Store the latents if the row still carries the claim's token; False means stale (dropped)."""
-    return write_back_many([(claim, blob, digest)])[0]
+def write_back(claim: Claim, blob: bytes, digest: str, psnr: float | None = None) -> bool:
+    """Store the latents if the row still carries the claim's token; False means stale (dropped).
+
+    ``psnr``: the quality gate's round-trip measurement, if any (see :func:`write_back_many`).
+    """
+    return write_back_many([(claim, blob, digest)], psnrs=[psnr])[0]
 
 
 def fail_row(label: str, pk: Any, field_name: str, token: str, message: str) -> bool:

@@ -144,10 +144,28 @@ _FLUX = Family(
     taesd="madebyollin/taef1",
 )
 
+# latentstore's own small AutoencoderKL (workers/pretrained/ls-small), a latent space of its own.
+# Scaling/shift are 1/std and mean of its raw latents, and the projection is least squares from
+# its model-space latents to each 8x8 cell's mean colour, all fitted on its training pictures by
+# workers/training/train.py (numbers from the model card, workers/pretrained/ls-small/README.md).
+_LS_SMALL = Family(
+    name="ls-small",
+    channels=4,
+    scaling_factor=0.35826,
+    shift_factor=-0.07586,
+    rgb_factors=(
+        (-0.4174, -0.5207, -0.7672),
+        (0.2564, 0.8296, 0.8844),
+        (0.6118, 0.7038, 0.643),
+        (0.3226, 0.4069, 0.3073),
+    ),
+    rgb_bias=(0.0988, -0.0708, -0.1493),
+)
+
 # Adding a family: define one more ``Family`` above (its channel count, the scaling/shift its
 # autoencoder's config declares, the RGB projection, its TAESD if there is one) and list it here;
 # every decoder, the preview and the system checks pick it up from this table.
-_ALL = (_SD, _SDXL, _SD3, _FLUX)
+_ALL = (_SD, _SDXL, _SD3, _FLUX, _LS_SMALL)
 
 # Read-only: a module-level registry that tests or apps could mutate would leak between them.
 FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in _ALL})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from django.db.models import F, signals
 from django.utils import timezone
 
 from latentstore import conf
-from latentstore.latents import LatentHeader, read_header, unpack
+from latentstore.latents import STORAGE_DTYPES, LatentHeader, read_header, unpack
 
 if TYPE_CHECKING:
     import numpy as np
@@ -110,6 +111,10 @@ class LatentTimeField(CompanionField, models.DateTimeField):
     pass
 
 
+class LatentFloatField(CompanionField, models.FloatField):
+    pass
+
+
 def _companions(owner: str) -> dict[str, models.Field]:
     """The companion columns for a LatentImageField named ``owner``, keyed by suffix."""
     common = {"owner": owner, "editable": False}
@@ -127,6 +132,8 @@ def _companions(owner: str) -> dict[str, models.Field]:
         "digest": LatentCharField(max_length=64, blank=True, default="", **common),
         "autoencoder": LatentCharField(max_length=64, blank=True, default="", **common),
         "original": LatentCharField(max_length=255, blank=True, default="", **common),
+        # Round-trip PSNR (dB) measured by the encode-time quality gate; None when not measured.
+        "psnr": LatentFloatField(null=True, blank=True, **common),
     }
 
 
@@ -321,6 +328,27 @@ class LatentImage:
     def is_ready(self) -> bool:
         return self.state == READY
 
+    @property
+    def psnr(self) -> float | None:
+        """Round-trip PSNR in dB measured when the worker encoded this image (None: not measured).
+
+        The worker decodes the stored latents right after encoding and compares them with the
+        picture it encoded, when the field's ``quality_check`` (or ``QUALITY_CHECK``) is on.
+        """
+        if isinstance(self.instance.__dict__.get(self.field.attname), StagedUpload):
+            return None
+        return self._companion("psnr")
+
+    @property
+    def low_fidelity(self) -> bool:
+        """Whether the measured round trip is below the field's ``min_psnr`` (``MIN_PSNR``).
+
+        False when not measured. Find such rows with ``latentstore.quality.low_fidelity(qs)``.
+        """
+        from latentstore.quality import QualityPolicy
+
+        return QualityPolicy.for_field(self.field).is_low_fidelity(self.psnr)
+
     def __bool__(self) -> bool:
         return self.state != EMPTY
 
@@ -501,6 +529,10 @@ class LatentImage:
 _MISSING = object()
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class LatentsNotReady(Exception):
     """The row has no latents yet (pending/encoding), never had (empty), or failed."""
 
@@ -576,7 +608,11 @@ class LatentImageField(models.Field):
     ``autoencoder`` names an entry of ``LATENTSTORE["AUTOENCODERS"]`` used to encode; ``decoder``
     the entry of ``LATENTSTORE["DECODERS"]`` that ``decode()`` uses by default;
     ``keep_original`` (default: the ``KEEP_ORIGINAL`` setting) keeps the upload in a Django
-    storage once encoded; ``latent_dtype`` (default: ``LATENT_DTYPE``) is ``float16`` or ``int8``.
+    storage once encoded: ``True``, ``False`` or ``"low_fidelity"`` (only rows whose round trip
+    is below ``min_psnr``); ``latent_dtype`` (default: ``LATENT_DTYPE``) is ``float16``,
+    ``int8`` or ``int4``. ``quality_check`` (default: ``QUALITY_CHECK``) makes the worker decode
+    right after encoding and store the round-trip PSNR in ``<name>_psnr``; rows below
+    ``min_psnr`` (default: ``MIN_PSNR``) are low-fidelity (``obj.image.low_fidelity``).
     """
 
     description = "An image stored as VAE latents"
@@ -589,14 +625,18 @@ class LatentImageField(models.Field):
         *,
         autoencoder: str = "default",
         decoder: str = "default",
-        keep_original: bool | None = None,
+        keep_original: bool | str | None = None,
         latent_dtype: str | None = None,
+        quality_check: bool | None = None,
+        min_psnr: float | None = None,
         **kwargs: Any,
     ) -> None:
         self.autoencoder = autoencoder
         self.decoder = decoder
         self.keep_original = keep_original
         self.latent_dtype = latent_dtype
+        self.quality_check = quality_check
+        self.min_psnr = min_psnr
         kwargs.setdefault("null", True)
         kwargs.setdefault("blank", False)
         super().__init__(verbose_name, name, **kwargs)
@@ -610,6 +650,8 @@ class LatentImageField(models.Field):
             ("decoder", "default"),
             ("keep_original", None),
             ("latent_dtype", None),
+            ("quality_check", None),
+            ("min_psnr", None),
         ):
             value = getattr(self, attr)
             if value != default:
@@ -626,12 +668,55 @@ class LatentImageField(models.Field):
                     id="latentstore.E010",
                 )
             )
-        if self.latent_dtype not in (None, "float16", "int8"):
+        if self.latent_dtype is not None and self.latent_dtype not in STORAGE_DTYPES:
             errors.append(
                 checks.Error(
-                    f"latent_dtype={self.latent_dtype!r} is not one of 'float16', 'int8'.",
+                    f"latent_dtype={self.latent_dtype!r} is not one of "
+                    f"{', '.join(map(repr, STORAGE_DTYPES))}.",
                     obj=self,
                     id="latentstore.E011",
+                )
+            )
+        errors += self._check_quality_options()
+        return errors
+
+    def _check_quality_options(self) -> list[checks.CheckMessage]:
+        from latentstore.quality import KEEP_LOW_FIDELITY
+
+        errors = []
+        if self.keep_original not in (None, True, False, KEEP_LOW_FIDELITY):
+            errors.append(
+                checks.Error(
+                    f"keep_original={self.keep_original!r} is not True, False or "
+                    f"{KEEP_LOW_FIDELITY!r}.",
+                    obj=self,
+                    id="latentstore.E030",
+                )
+            )
+        if self.quality_check not in (None, True, False):
+            errors.append(
+                checks.Error(
+                    f"quality_check={self.quality_check!r} is not True or False.",
+                    obj=self,
+                    id="latentstore.E031",
+                )
+            )
+        elif self.quality_check is False and self.keep_original == KEEP_LOW_FIDELITY:
+            errors.append(
+                checks.Error(
+                    "keep_original='low_fidelity' needs the round-trip measurement, but "
+                    "quality_check=False turns it off.",
+                    obj=self,
+                    hint="Drop quality_check=False (keep_original='low_fidelity' turns it on).",
+                    id="latentstore.E032",
+                )
+            )
+        if self.min_psnr is not None and not _is_finite_number(self.min_psnr):
+            errors.append(
+                checks.Error(
+                    f"min_psnr={self.min_psnr!r} is not a number of decibels.",
+                    obj=self,
+                    id="latentstore.E033",
                 )
             )
         return errors
@@ -649,11 +734,15 @@ class LatentImageField(models.Field):
 
     def contribute_to_class(self, cls: type[models.Model], name: str, **kwargs: Any) -> None:
         super().contribute_to_class(cls, name, **kwargs)
-        existing = {f.name for f in cls._meta.local_fields}
-        for suffix, companion in _companions(name).items():
-            companion_name = self.companion_attname(suffix)
-            if companion_name not in existing:
-                cls.add_to_class(companion_name, companion)
+        # Models rendered from migrations ("__fake__") list their companion columns themselves:
+        # adding the current set there would give an old migration state a column that a later
+        # migration adds (AddField of a new companion would then fail: "already exists").
+        if cls.__module__ != "__fake__":
+            existing = {f.name for f in cls._meta.local_fields}
+            for suffix, companion in _companions(name).items():
+                companion_name = self.companion_attname(suffix)
+                if companion_name not in existing:
+                    cls.add_to_class(companion_name, companion)
         if not cls._meta.abstract:
             signals.pre_save.connect(self._check_update_fields, sender=cls, weak=False)
             signals.post_save.connect(self._enqueue_on_commit, sender=cls, weak=False)
@@ -713,6 +802,7 @@ class LatentImageField(models.Field):
             "digest": "",
             "autoencoder": self.autoencoder,
             "original": "",
+            "psnr": None,
         }
         for suffix, value in values.items():
             setattr(instance, self.companion_attname(suffix), value)

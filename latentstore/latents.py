@@ -12,20 +12,27 @@ Layout of a version-1 blob (all integers little-endian)::
     10+N    P     payload: the latents, C-contiguous (C, h, w), little-endian
                     float16: P = C*h*w*2
                     int8:    P = C*h*w, per-channel affine quantisation (see below)
+                    int4:    P = ceil(C*h*w / 2), per-channel affine, two values a byte
     10+N+P  16    blake2b (digest_size=16) of every byte before it
 
 The header holds every :class:`LatentHeader` field (``version``, ``autoencoder``, ``family``,
 ``fingerprint``, ``scaling_factor``, ``shift_factor``, ``shape``, ``dtype``, ``width``,
-``height``, ``downsample``, ``pad_right``, ``pad_bottom``) and, for int8 only, ``quant``:
-``{"offset": [lo per channel], "scale": [scale per channel]}``. The quantisation parameters live
-in the header (not the payload) so the payload is one plain array and the header is the single
-place that says how to read it; JSON floats round-trip exactly.
+``height``, ``downsample``, ``pad_right``, ``pad_bottom``) and, for int8 and int4 only,
+``quant``: ``{"offset": [lo per channel], "scale": [scale per channel]}``. The quantisation
+parameters live in the header (not the payload) so the payload is one plain array and the header
+is the single place that says how to read it; JSON floats round-trip exactly.
 
 int8 quantisation, per channel c with lo = min(x_c), hi = max(x_c):
 ``scale = (hi - lo) / 255`` (0 when hi == lo), ``q = round((x - lo) / scale) - 128`` (q = -128
 when scale == 0), read back as ``x' = (q + 128) * scale + lo``. The error is at most scale / 2
 (a channel whose step would be below float32's normal range, i.e. that varies by < 3e-36, is
 stored as constant).
+
+int4 works the same way with 16 levels: ``scale = (hi - lo) / 15``, ``q = round((x - lo) /
+scale)`` in 0..15 (unsigned), read back as ``x' = q * scale + lo``. Values are packed two to a
+byte in C order, the even-indexed value in the low nibble; for an odd count the last byte's high
+nibble is zero (and checked). It quarters float16's payload; whether that is usable depends on
+the decoder -- see ``bench/quality_report.py`` for measured PSNR (it is not near-lossless).
 
 Measured quantisation error (4x64x64 latents, raw values with per-channel std 5 and means
 ~N(0, 1), the spread of SD-VAE ``latent_dist.mean``; error divided by the channel's std, 50 draws
@@ -72,7 +79,7 @@ __all__ = [
 
 MAGIC = b"LTNT"
 FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float16", "int8")
+STORAGE_DTYPES = ("float16", "int8", "int4")
 
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
 _PREFIX_SIZE = _PREFIX.size  # 10
@@ -83,7 +90,9 @@ MAX_HEADER_BYTES = 64 * 1024
 
 _F16_OVERFLOW = 65520.0
 _F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32, ~1.2e-38
-_NUMPY_DTYPES = {"float16": np.dtype("<f2"), "int8": np.dtype("i1")}
+_NUMPY_DTYPES = {"float16": np.dtype("<f2"), "int8": np.dtype("i1"), "int4": np.dtype("u1")}
+# Quantisation levels of the affine dtypes (their steps: (max - min) / (levels - 1)).
+_LEVELS = {"int8": 256, "int4": 16}
 _HEADER_KEYS = frozenset(
     (
         "version",
@@ -118,7 +127,7 @@ class LatentHeader:
     scaling_factor: float
     shift_factor: float
     shape: tuple[int, int, int]  # (C, h, w) of the stored latents (padded grid)
-    dtype: str  # "float16" | "int8"
+    dtype: str  # "float16" | "int8" | "int4"
     width: int  # original (displayed) image width in pixels
     height: int
     downsample: int  # pixels per latent cell (8 for SD)
@@ -138,6 +147,8 @@ class LatentHeader:
     def payload_nbytes(self) -> int:
         """Size in bytes of the payload this header describes."""
         c, h, w = self.shape
+        if self.dtype == "int4":
+            return (c * h * w + 1) // 2
         return c * h * w * _NUMPY_DTYPES[self.dtype].itemsize
 
 
@@ -226,10 +237,15 @@ def pack(
     }
     if dtype == "float16":
         payload = arr.astype(_NUMPY_DTYPES["float16"], order="C").tobytes()
-    else:
-        q, offset, scale = _quantize(arr)
+    elif dtype == "int8":
+        q, offset, scale = _quantize(arr, _LEVELS["int8"])
         header["quant"] = {"offset": offset, "scale": scale}
-        payload = q.tobytes()
+        q -= 128  # stored signed: -128..127
+        payload = q.astype(np.int8).tobytes()
+    else:
+        q, offset, scale = _quantize(arr, _LEVELS["int4"])
+        header["quant"] = {"offset": offset, "scale": scale}
+        payload = _pack_nibbles(q.reshape(-1))
 
     # Sorted keys and fixed separators: equal inputs give byte-identical blobs (stable digests).
     header_bytes = json.dumps(
@@ -244,23 +260,42 @@ def pack(
     return b"".join((prefix, header_bytes, payload, checksum.digest()))
 
 
-def _quantize(arr: np.ndarray) -> tuple[np.ndarray, list[float], list[float]]:
+def _quantize(arr: np.ndarray, levels: int) -> tuple[np.ndarray, list[float], list[float]]:
+    """Per-channel affine quantisation to ``0 .. levels - 1`` (int16 array of arr's shape)."""
+    top = float(levels - 1)
     # float32 is plenty: the step is 1/255 of the range, float32 rounding is 1e-7 of it.
     x = arr.astype(np.float32, copy=False).reshape(arr.shape[0], -1)
     lo = x.min(axis=1)
-    scale = (x.max(axis=1).astype(np.float64) - lo) / 255.0
+    scale = (x.max(axis=1).astype(np.float64) - lo) / top
     # A step below float32's normal range would underflow on read-back (and its inverse
     # overflow here); such a channel varies by < 3e-36, so store it as constant instead.
     scale[scale < _F32_TINY] = 0.0
-    # hi == lo: a zero inverse makes every q -128, which reads back as lo exactly.
+    # hi == lo: a zero inverse makes every q 0, which reads back as lo exactly.
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0).astype(np.float32)
     t = x - lo[:, None]
     t *= inv[:, None]
     np.rint(t, out=t)
-    t -= np.float32(128.0)
-    np.clip(t, -128.0, 127.0, out=t)  # float32 rounding could in theory reach 127.5 -> 128
-    q = t.astype(np.int8).reshape(arr.shape)
+    np.clip(t, 0.0, top, out=t)  # float32 rounding could in theory reach top + 0.5 -> top + 1
+    q = t.astype(np.int16).reshape(arr.shape)
     return q, [float(v) for v in lo], [float(v) for v in scale]
+
+
+def _pack_nibbles(q: np.ndarray) -> bytes:
+    """Values 0..15, two a byte: even index in the low nibble; an odd count pads a zero."""
+    if len(q) % 2:
+        q = np.concatenate([q, np.zeros(1, q.dtype)])
+    pairs = q.astype(np.uint8).reshape(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).astype(np.uint8).tobytes()
+
+
+def _unpack_nibbles(view: memoryview, count: int, offset: int) -> np.ndarray:
+    raw = np.frombuffer(view, dtype="u1", count=(count + 1) // 2, offset=offset)
+    q = np.empty(2 * len(raw), dtype=np.uint8)
+    q[0::2] = raw & 0x0F
+    q[1::2] = raw >> 4
+    if count % 2 and q[-1] != 0:
+        raise LatentFormatError("latent blob is corrupt: the int4 padding nibble is not zero")
+    return q[:count]
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,9 +334,13 @@ def unpack(blob: bytes | bytearray | memoryview) -> tuple[LatentHeader, np.ndarr
         latents = _half_bits_to_float32(bits).reshape(header.shape)
     else:
         offset, scale = quant
-        raw = np.frombuffer(view, dtype="i1", count=count, offset=payload_start)
-        latents = raw.astype(np.float32).reshape(header.shape)
-        latents += np.float32(128.0)
+        if header.dtype == "int8":
+            raw = np.frombuffer(view, dtype="i1", count=count, offset=payload_start)
+            latents = raw.astype(np.float32).reshape(header.shape)
+            latents += np.float32(128.0)
+        else:
+            q = _unpack_nibbles(view, count, payload_start)
+            latents = q.astype(np.float32).reshape(header.shape)
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             latents *= np.asarray(scale, dtype=np.float32)[:, None, None]
             latents += np.asarray(offset, dtype=np.float32)[:, None, None]
@@ -449,10 +488,10 @@ def _header_from_dict(obj: dict[str, Any]) -> tuple[LatentHeader, Any]:
         raise bad(f"a {w}x{h} grid does not fit a {width}x{height} image at {ds} px per cell")
 
     quant = None
-    if dtype == "int8":
+    if dtype in _LEVELS:
         q = obj.get("quant")
         if not isinstance(q, dict) or set(q) != {"offset", "scale"}:
-            raise bad("int8 latents need quant = {offset, scale}")
+            raise bad(f"{dtype} latents need quant = {{offset, scale}}")
         offset, scale = q["offset"], q["scale"]
         for name, values in (("offset", offset), ("scale", scale)):
             if (
@@ -465,7 +504,7 @@ def _header_from_dict(obj: dict[str, Any]) -> tuple[LatentHeader, Any]:
             raise bad("quant.scale must not be negative")
         quant = (tuple(float(v) for v in offset), tuple(float(v) for v in scale))
     elif "quant" in obj:
-        raise bad(f"quant is only valid for int8, not {dtype}")
+        raise bad(f"quant is only valid for int8 and int4, not {dtype}")
 
     header = LatentHeader(
         version=obj["version"],

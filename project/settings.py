@@ -122,12 +122,39 @@ USE_I18N = True
 USE_TZ = True
 
 # --- latentstore -------------------------------------------------------------------------------
+SD_VAE = "stabilityai/sd-vae-ft-mse"
+
+
+def hf_cache_has(repo_id: str) -> bool:
+    """Whether a hub model's safetensors weights are in the local Hugging Face cache.
+
+    Reads the cache layout directly (no huggingface_hub import: the web tier does not need it).
+    """
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    hub = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub")
+    snapshots = hub / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return any(snapshots.glob("*/diffusion_pytorch_model.safetensors"))
+
+
+def default_autoencoder() -> tuple[str, str]:
+    """``(PRETRAINED, FAMILY)``: LATENTSTORE_PRETRAINED, else the SD VAE when it is on disk,
+    else the small autoencoder that ships with latentstore (no download needed)."""
+    if os.environ.get("LATENTSTORE_PRETRAINED"):
+        return os.environ["LATENTSTORE_PRETRAINED"], os.environ.get("LATENTSTORE_FAMILY", "sd")
+    if hf_cache_has(SD_VAE):
+        return SD_VAE, "sd"
+    from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY  # paths only, no torch
+
+    return str(LS_SMALL), LS_SMALL_FAMILY
+
+
+_PRETRAINED, _FAMILY = default_autoencoder()
 LATENTSTORE = {
     "AUTOENCODERS": {
         "default": {
             # A hub id or a local directory written by diffusers' save_pretrained.
-            "PRETRAINED": os.environ.get("LATENTSTORE_PRETRAINED", "stabilityai/sd-vae-ft-mse"),
-            "FAMILY": os.environ.get("LATENTSTORE_FAMILY", "sd"),
+            "PRETRAINED": _PRETRAINED,
+            "FAMILY": _FAMILY,
             "DTYPE": "float16",
             "DEVICE": "auto",
         },

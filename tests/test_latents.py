@@ -136,6 +136,89 @@ def test_int8_constant_channel_is_exact():
     assert np.isfinite(y).all()
 
 
+def test_int4_round_trip_within_half_a_step():
+    x = sd_latents((4, 64, 64))
+    header, y = unpack(pack(x, dtype="int4", **kwargs(x.shape)))
+    assert header.dtype == "int4"
+    assert y.dtype == np.float32 and y.shape == x.shape
+    step = (x.max(axis=(1, 2)) - x.min(axis=(1, 2))) / 15.0
+    err = np.abs(y - x).max(axis=(1, 2))
+    assert np.all(err <= step / 2 * (1 + 1e-3) + 1e-6), (err, step / 2)
+    assert np.all(err > step / 4)  # really 16 levels, not a finer grid
+    # 16 distinct values per channel at most, and the extremes are the end points.
+    assert all(len(np.unique(y[c])) <= 16 for c in range(4))
+    np.testing.assert_allclose(y.max(axis=(1, 2)), x.max(axis=(1, 2)), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(y.min(axis=(1, 2)), x.min(axis=(1, 2)), rtol=0, atol=1e-6)
+
+
+def test_int4_packs_two_values_a_byte_low_nibble_first():
+    x = sd_latents((4, 64, 64))
+    head, payload = split(pack(x, dtype="int4", **kwargs(x.shape)))
+    assert len(payload) == 4 * 64 * 64 // 2  # a quarter of float16's
+    raw = np.frombuffer(payload, dtype=np.uint8)
+    q = np.empty(2 * len(raw), np.uint8)
+    q[0::2], q[1::2] = raw & 0x0F, raw >> 4
+    q = q.reshape(4, -1)
+    assert (q.min(axis=1) == 0).all() and (q.max(axis=1) == 15).all()
+    # The nibbles read back through the header's affine map are what unpack returns.
+    offset, scale = (np.array(head["quant"][k], np.float32) for k in ("offset", "scale"))
+    expected = q.astype(np.float32) * scale[:, None] + offset[:, None]
+    _, y = unpack(pack(x, dtype="int4", **kwargs(x.shape)))
+    np.testing.assert_array_equal(y.reshape(4, -1), expected)
+
+
+def test_int4_odd_count_pads_a_zero_nibble_and_checks_it():
+    x = sd_latents((1, 3, 5))  # 15 values: 8 bytes, the last high nibble is padding
+    blob = pack(x, dtype="int4", **kwargs(x.shape))
+    head, payload = split(blob)
+    assert len(payload) == 8 and payload[-1] >> 4 == 0
+    assert unpack(blob)[1].shape == (1, 3, 5)
+    bad = bytearray(payload)
+    bad[-1] |= 0x30
+    with pytest.raises(LatentFormatError, match="padding nibble"):
+        unpack(forge(head, bytes(bad)))
+    with pytest.raises(LatentFormatError, match="truncated"):
+        unpack(forge(head, payload[:-1]))
+
+
+def test_int4_constant_channel_is_exact():
+    x = sd_latents((3, 4, 5))
+    x[1] = -7.5
+    x[2] = 0.0
+    _, y = unpack(pack(x, dtype="int4", **kwargs(x.shape)))
+    assert (y[1] == -7.5).all() and (y[2] == 0.0).all()
+
+
+def test_int4_quant_must_be_well_formed():
+    x = sd_latents((2, 2, 2))
+    head, payload = split(pack(x, dtype="int4", **kwargs(x.shape)))
+    for quant in (None, {"scale": [1.0, 1.0]}, {"offset": [0, 0], "scale": [1.0, -1.0]}):
+        bad = dict(head, quant=quant)
+        with pytest.raises(LatentFormatError, match="quant"):
+            unpack(forge(bad, payload))
+    head["quant"]["scale"] = [1e308, 1.0]
+    with pytest.raises(LatentFormatError, match="finite"):
+        unpack(forge(head, payload))
+
+
+def test_float16_header_with_quant_is_refused():
+    x = sd_latents((2, 2, 2))
+    head, payload = split(pack(x, **kwargs(x.shape)))
+    head["quant"] = {"offset": [0.0, 0.0], "scale": [1.0, 1.0]}
+    with pytest.raises(LatentFormatError, match="only valid for int8 and int4"):
+        unpack(forge(head, payload))
+
+
+def test_int8_bytes_are_unchanged_by_the_int4_generalisation():
+    # Digests are content addresses: the int8 payload must stay byte-for-byte what it was.
+    x = sd_latents((4, 8, 8))
+    _, payload = split(pack(x, dtype="int8", **kwargs(x.shape)))
+    lo, hi = x.min(axis=(1, 2)), x.max(axis=(1, 2))
+    inv = (1.0 / ((hi.astype(np.float64) - lo) / 255.0)).astype(np.float32)
+    expected = np.clip(np.rint((x - lo[:, None, None]) * inv[:, None, None]) - 128, -128, 127)
+    np.testing.assert_array_equal(np.frombuffer(payload, np.int8), expected.astype(np.int8).ravel())
+
+
 def test_unpacked_array_is_writable_and_independent():
     x = sd_latents()
     blob = bytearray(pack(x, **kwargs(x.shape)))
@@ -607,6 +690,22 @@ def test_property_int8_error_bound(case):
     slack = 4 * f32.eps * np.maximum(np.abs(lo), np.abs(hi)) + 2 * f32.smallest_subnormal
     # A range too small for a normal float32 step is stored as a constant channel.
     bound = np.where(hi - lo < 255 * f32.tiny, hi - lo, half_step * (1 + 1e-3)) + slack
+    err = np.abs(y - xd).max(axis=(1, 2))
+    assert np.all(err <= bound), (err, bound)
+
+
+@settings(max_examples=200, deadline=None)
+@given(latent_cases())
+def test_property_int4_error_bound(case):
+    x, kw = case
+    header, y = unpack(pack(x, dtype="int4", **kw))
+    assert header.dtype == "int4"
+    assert np.isfinite(y).all()
+    xd = x.astype(np.float64)
+    lo, hi = xd.min(axis=(1, 2)), xd.max(axis=(1, 2))
+    f32 = np.finfo(np.float32)
+    slack = 4 * f32.eps * np.maximum(np.abs(lo), np.abs(hi)) + 2 * f32.smallest_subnormal
+    bound = np.where(hi - lo < 15 * f32.tiny, hi - lo, (hi - lo) / 30.0 * (1 + 1e-3)) + slack
     err = np.abs(y - xd).max(axis=(1, 2))
     assert np.all(err <= bound), (err, bound)
 

@@ -40,7 +40,8 @@ def pixels(image):
 
 
 def test_family_table_matches_comfyui():
-    assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux"}
+    # ls-small is latentstore's own (fitted, tests/test_pretrained.py); the rest are ComfyUI's.
+    assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux", "ls-small"}
     expected = {
         "sd": (4, 0.18215, 0.0),
         "sdxl": (4, 0.13025, 0.0),
@@ -234,7 +235,7 @@ def test_channel_mismatch_is_a_clear_error():
 
 
 def test_unknown_family_in_preview():
-    with pytest.raises(UnknownFamily, match="known families: flux, sd, sd3, sdxl"):
+    with pytest.raises(UnknownFamily, match="known families: flux, ls-small, sd, sd3, sdxl"):
         latents_to_rgb(raw_latents("sd"), "kandinsky", 1.0, 0.0, (8, 8))
 
 

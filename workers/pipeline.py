@@ -88,6 +88,7 @@ class _Done:
     claim: Claim
     blob: bytes
     digest: str
+    psnr: float | None = None  # the quality gate's round-trip measurement, when it ran
 
 
 @dataclass
@@ -246,7 +247,7 @@ class EncodeRun:
                 for index, outcome in done:  # the per-item result loop
                     claim = claims[index]
                     waiting.pop(id(claim), None)
-                    item = self.finish_item(ae, claim, outcome)
+                    item = self.finish_item(ae, claim, outcome, unit.pictures[index])
                     if item is not None:
                         ready.append(item)
                 background.submit(self.store, ready, list(waiting.values()))
@@ -256,11 +257,13 @@ class EncodeRun:
 
     # --- per item -------------------------------------------------------------------------------
 
-    def finish_item(self, ae: Any, claim: Claim, outcome: Outcome) -> _Done | None:
+    def finish_item(
+        self, ae: Any, claim: Claim, outcome: Outcome, picture: Future | None = None
+    ) -> _Done | None:
         """One item's outcome: a blob to write back, or a failure/retry recorded now.
 
-        A post-encode step for each item (a quality gate, say) belongs here, between the
-        latents and the blob.
+        When the field's quality policy asks for it, the blob is decoded again and its
+        round-trip PSNR against the encoded picture goes along with it (``workers.quality``).
         """
         error = outcome.error
         if error is None:
@@ -276,7 +279,8 @@ class EncodeRun:
                 downsample=ae.downsample,
                 dtype=claim.latent_dtype,
             )
-            return _Done(claim, blob, blob_digest(blob))
+            psnr = self.measure(ae, claim, picture, blob) if claim.quality.check else None
+            return _Done(claim, blob, blob_digest(blob), psnr)
         if isinstance(error, UnreadablePicture):
             self.fail(claim, f"The image could not be read: {error}")
         elif isinstance(error, NonFinite):
@@ -294,6 +298,30 @@ class EncodeRun:
             )
             self.transient(claim, f"{type(error).__name__}: {error}")
         return None
+
+    def measure(self, ae: Any, claim: Claim, picture: Future | None, blob: bytes) -> float | None:
+        """The quality gate for one fresh blob; None (logged) when the measurement fails.
+
+        A failed measurement does not fail the encode: the latents are fine, only their score
+        is unknown. With ``keep_original="low_fidelity"`` such a row keeps its original, since
+        nobody could show it is faithful.
+        """
+        from workers.quality import gate
+
+        try:
+            image = picture.result() if isinstance(picture, Future) else picture
+            if image is None:
+                raise ValueError("the encoded picture is not available to compare with")
+            return gate(ae, image, blob, claim.quality).psnr
+        except Exception as exc:
+            logger.warning(
+                "Quality gate for %s pk=%s could not measure the round trip: %s: %s",
+                claim.label,
+                claim.pk,
+                type(exc).__name__,
+                exc,
+            )
+            return None
 
     def record(self, claim: Claim, fate: str) -> None:
         with self.lock:
@@ -323,9 +351,10 @@ class EncodeRun:
         and renew the leases of the rows still waiting for their pass."""
         if ready:
             results = [(d.claim, d.blob, d.digest) for d in ready]
+            psnrs = [d.psnr for d in ready]
             for attempt, pause in enumerate((0.5, 2.0, None)):
                 try:
-                    stored = encoding.write_back_many(results)
+                    stored = encoding.write_back_many(results, psnrs=psnrs)
                     break
                 except (DatabaseError, InterfaceError):
                     if pause is None:

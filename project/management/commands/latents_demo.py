@@ -30,6 +30,8 @@ SAMPLES = (
     "page.png",
 )
 SD_VAE = "stabilityai/sd-vae-ft-mse"
+# Photos the shipped ls-small model never saw in training (workers/training/data.py HELD_OUT).
+HELD_OUT = frozenset({"chelsea.png", "rocket.jpg"})
 
 
 class Command(BaseCommand):
@@ -53,7 +55,7 @@ class Command(BaseCommand):
             default=None,
             help="Hub id or local save_pretrained directory of an SD VAE "
             "(default: LATENTSTORE_PRETRAINED, else sd-vae-ft-mse if it is "
-            "in the local Hugging Face cache, else a seeded small model).",
+            "in the local Hugging Face cache, else latentstore's own ls-small model).",
         )
         parser.add_argument(
             "--output",
@@ -72,6 +74,8 @@ class Command(BaseCommand):
         out_dir.mkdir(parents=True, exist_ok=True)
         pretrained, family, note = self.find_weights(options["pretrained"], out_dir)
         self.stdout.write(note)
+        # The held-out mark is about ls-small's training set; other models saw other data.
+        self.held_out = HELD_OUT if family == "ls-small" else frozenset()
 
         config = dict(settings.LATENTSTORE)
         config["AUTOENCODERS"] = {
@@ -114,18 +118,17 @@ class Command(BaseCommand):
         if _in_hf_cache(SD_VAE):
             os.environ["HF_HUB_OFFLINE"] = "1"
             return SD_VAE, "sd", f"Autoencoder: {SD_VAE} (from the local Hugging Face cache)"
-        seeded = out_dir / "seeded-vae"
-        if not (seeded / "config.json").exists():
-            _save_seeded_vae(seeded)
+        from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY
+
         return (
-            str(seeded),
-            "sd",
+            str(LS_SMALL),
+            LS_SMALL_FAMILY,
             (
                 f"No pretrained SD VAE weights on disk ({SD_VAE} is not in the local Hugging Face "
-                "cache, and this machine cannot download it).\nUsing a seeded small AutoencoderKL "
-                f"of the real architecture with RANDOM weights ({seeded}): the decoded pictures "
-                "will be noise. Point LATENTSTORE_PRETRAINED at real weights to see real "
-                "reconstructions."
+                "cache, and this machine cannot download it).\nUsing latentstore's own small "
+                f"autoencoder {LS_SMALL_FAMILY!r} ({LS_SMALL}): a 4-channel AutoencoderKL trained "
+                "on a CPU, so the reconstructions are real but softer than the SD VAE's (see its "
+                "README.md). Point LATENTSTORE_PRETRAINED at SD VAE weights to use those."
             ),
         )
 
@@ -199,6 +202,7 @@ class Command(BaseCommand):
             )
 
         from latentstore.decoding import render
+        from latentstore.quality import psnr
 
         ready = [r["photo"].image for r in rows if r["photo"].image.state == "ready"]
         if ready:  # load the decoder's model once, outside the timings
@@ -223,6 +227,7 @@ class Command(BaseCommand):
             started = time.perf_counter()
             row["preview"] = image.preview()
             row["preview_ms"] = (time.perf_counter() - started) * 1000
+            row["psnr"] = psnr(row["original"], row["decoded"])
             row["latent"] = image.nbytes
             row["shape"] = "x".join(map(str, image.header.shape))
             row["dtype"] = image.header.dtype
@@ -254,7 +259,8 @@ class Command(BaseCommand):
     def report(self, rows: list[dict[str, Any]], options: dict[str, Any], out_dir: Path) -> None:
         header = (
             f"{'image':<22}{'size':>10}{'latents':>18}{'blob B':>9}{'PNG B':>9}"
-            f"{'JPEG90 B':>10}{'encode s':>10}{'decode s':>10}{'cached ms':>11}{'preview ms':>12}"
+            f"{'JPEG90 B':>10}{'PSNR dB':>9}{'encode s':>10}{'decode s':>10}{'cached ms':>11}"
+            f"{'preview ms':>12}"
         )
         self.stdout.write("")
         self.stdout.write(header)
@@ -264,10 +270,12 @@ class Command(BaseCommand):
                 self.stdout.write(f"{row['name']:<22} failed: {row['photo'].image.error}")
                 continue
             w, h = row["original"].size
+            name = row["name"] + ("*" if row["name"] in self.held_out else "")
             self.stdout.write(
-                f"{row['name']:<22}{f'{w}x{h}':>10}{row['shape'] + ' ' + row['dtype']:>18}"
-                f"{row['latent']:>9}{row['png']:>9}{row['jpeg']:>10}{row['encode_s']:>10.2f}"
-                f"{row['decode_s']:>10.2f}{row['cached_ms']:>11.2f}{row['preview_ms']:>12.2f}"
+                f"{name:<22}{f'{w}x{h}':>10}{row['shape'] + ' ' + row['dtype']:>18}"
+                f"{row['latent']:>9}{row['png']:>9}{row['jpeg']:>10}{row['psnr']:>9.2f}"
+                f"{row['encode_s']:>10.2f}{row['decode_s']:>10.2f}{row['cached_ms']:>11.2f}"
+                f"{row['preview_ms']:>12.2f}"
             )
         done = [r for r in rows if "latent" in r]
         if done:
@@ -280,10 +288,13 @@ class Command(BaseCommand):
         db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
         self.stdout.write(
             f"\nDatabase: {db}; broker: {settings.CELERY_BROKER_URL.split('://')[0]}. "
-            "encode s: save() until the worker's write-back, one photo at a time; decode s: the "
-            "default decoder run in this process, uncached; cached ms: decode() again, a cache "
-            "hit; preview ms: the model-free latent->RGB preview."
+            "PSNR dB: the default decoder's picture against the original; encode s: save() "
+            "until the worker's write-back, one photo at a time; decode s: the default decoder "
+            "run in this process, uncached; cached ms: decode() again, a cache hit; preview ms: "
+            "the model-free latent->RGB preview."
         )
+        if any(r["name"] in self.held_out for r in done):
+            self.stdout.write("* held out from ls-small's training (the others were trained on).")
         self.stdout.write(f"Contact sheet (original | decoded | preview): {self.sheet_path}")
         failed = len(rows) - len(done)
         if failed:
@@ -300,26 +311,6 @@ def _in_hf_cache(repo_id: str) -> bool:
         if not isinstance(found, str):
             return False
     return True
-
-
-def _save_seeded_vae(path: Path) -> None:
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    model = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 64, 64, 64),
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=256,
-        scaling_factor=0.18215,
-    )
-    model.save_pretrained(path, safe_serialization=True)
 
 
 def _load_samples(count: int, size: int) -> list[tuple[str, Any]]:

@@ -1,0 +1,118 @@
+"""Round-trip quality: PSNR, the per-field gate settings, and finding low-fidelity rows.
+
+Numpy only (no torch, no Django models imported at module level): the worker measures with
+:func:`psnr` right after encoding (``workers.quality``), and the web tier reads the stored number
+through ``LatentImage.psnr`` / ``LatentImage.low_fidelity`` or filters rows with
+:func:`low_fidelity`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from django.db import models
+
+    from latentstore.fields import LatentImageField
+
+__all__ = ["MAX_PSNR", "KEEP_LOW_FIDELITY", "QualityPolicy", "low_fidelity", "psnr"]
+
+#: PSNR reported for identical pictures (and the cap of any measurement): a finite number that
+#: every database column holds, far above what any lossy round trip reaches.
+MAX_PSNR = 100.0
+
+#: ``keep_original`` value that keeps the original only for rows below the PSNR threshold.
+KEEP_LOW_FIDELITY = "low_fidelity"
+
+
+def psnr(reference: Any, test: Any) -> float:
+    """Peak signal-to-noise ratio in dB of two 8-bit pictures of the same size.
+
+    Takes PIL images or uint8 arrays (``H x W`` or ``H x W x C``); the mean squared error is
+    taken over every pixel and channel, as is usual for RGB. Identical inputs give
+    :data:`MAX_PSNR`. Raises ``ValueError`` for shapes that differ.
+    """
+    a = np.asarray(reference)
+    b = np.asarray(test)
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare pictures of shapes {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError("cannot compare empty pictures")
+    diff = a.astype(np.float64) - b.astype(np.float64)
+    mse = float(np.mean(diff * diff))
+    if mse == 0.0:
+        return MAX_PSNR
+    return min(MAX_PSNR, 10.0 * math.log10(255.0**2 / mse))
+
+
+@dataclass(frozen=True)
+class QualityPolicy:
+    """What the encode-time gate does for one field (the field's options over the settings).
+
+    ``check``: decode right after encoding and store the round-trip PSNR; ``min_psnr``: rows
+    below it are low-fidelity; ``keep_original``: ``True`` (always), ``False`` (never) or
+    ``"low_fidelity"`` (only rows below ``min_psnr``, which implies ``check``).
+    """
+
+    check: bool
+    min_psnr: float
+    keep_original: bool | str
+
+    @classmethod
+    def for_field(cls, field: LatentImageField) -> QualityPolicy:
+        """The effective policy of ``field``: its own options, else ``LATENTSTORE`` settings."""
+        from latentstore import conf
+
+        settings = conf.get_settings()
+        keep = field.keep_original if field.keep_original is not None else settings["KEEP_ORIGINAL"]
+        check = (
+            field.quality_check if field.quality_check is not None else settings["QUALITY_CHECK"]
+        )
+        min_psnr = field.min_psnr if field.min_psnr is not None else settings["MIN_PSNR"]
+        if keep == KEEP_LOW_FIDELITY:
+            check = True  # keeping the low-fidelity ones needs the measurement
+        else:
+            keep = bool(keep)
+        return cls(check=bool(check), min_psnr=float(min_psnr), keep_original=keep)
+
+    def is_low_fidelity(self, value: float | None) -> bool:
+        """Whether a measured PSNR is below this policy's threshold (None: not measured)."""
+        return value is not None and value < self.min_psnr
+
+    def keeps_original(self, value: float | None) -> bool:
+        """Whether a row with this measured PSNR keeps its original after encoding.
+
+        With ``"low_fidelity"``, a row the gate could not measure (``None`` while the gate is
+        on) keeps it too: nothing shows that its latents are faithful.
+        """
+        if self.keep_original == KEEP_LOW_FIDELITY:
+            return value is None or self.is_low_fidelity(value)
+        return bool(self.keep_original)
+
+
+def low_fidelity(
+    queryset: models.QuerySet, field: str | None = None, min_psnr: float | None = None
+) -> models.QuerySet:
+    """Rows of ``queryset`` whose measured round-trip PSNR is below the field's threshold.
+
+    ``field`` names the LatentImageField (optional when the model has one); ``min_psnr``
+    overrides the field's threshold. Rows never measured (gate off) are not included. The same
+    as ``queryset.filter(<field>_psnr__lt=threshold)``.
+    """
+    from latentstore.fields import LatentImageField
+
+    candidates = [f for f in queryset.model._meta.get_fields() if isinstance(f, LatentImageField)]
+    fields = [f for f in candidates if field is None or f.name == field]
+    if len(fields) != 1:
+        names = ", ".join(f.name for f in candidates) or "none"
+        raise ValueError(
+            f"name one LatentImageField of {queryset.model._meta.label} "
+            f"(field={field!r}; candidates: {names})"
+        )
+    (target,) = fields
+    threshold = QualityPolicy.for_field(target).min_psnr if min_psnr is None else min_psnr
+    return queryset.filter(**{f"{target.companion_attname('psnr')}__lt": threshold})
