@@ -33,6 +33,7 @@ from django.utils.safestring import SafeString
 from latentstore import maintenance
 from latentstore.fields import FAILED, READY, LatentImage, LatentImageField, without_blobs
 from latentstore.html import escape, picture_tag, state_badge
+from latentstore.quality import QualityPolicy
 
 THUMBNAIL_COLUMN = "latent_thumbnail"
 
@@ -40,6 +41,11 @@ THUMBNAIL_COLUMN = "latent_thumbnail"
 @functools.cache
 def latent_fields_of(model: type[models.Model]) -> tuple[LatentImageField, ...]:
     return tuple(f for f in model._meta.concrete_fields if isinstance(f, LatentImageField))
+
+
+@functools.cache
+def _quality_filter(field: LatentImageField) -> type[admin.SimpleListFilter]:
+    return quality_filter(field)
 
 
 class LatentImageWidget(forms.ClearableFileInput):
@@ -74,19 +80,48 @@ def describe(image: LatentImage, size: int) -> dict[str, Any]:
                 ("autoencoder", f"{header.autoencoder} ({header.family})"),
                 ("weights", header.fingerprint),
             ]
+            quality = quality_text(image)
+            if quality:
+                details.append(("round trip", quality))
     elif image.attempts:
         details.append(("attempts", image.attempts))
     if error is not None:
         picture = picture_for_error(image, size)
     else:
         picture = _safe_picture(image, size, density=1, upscale=False)
+    badge = state_badge(image, error=error)
+    if error is None and image.state == READY:
+        badge = SafeString(badge + quality_badge(image))
     return {
         "picture": picture,
-        "badge": state_badge(image, error=error),
+        "badge": badge,
         "error": error or (image.error if image.state == FAILED else ""),
         "details": details,
         "state": image.state if error is None else "error",
     }
+
+
+def quality_text(image: LatentImage) -> str:
+    """The measured round-trip PSNR and what it means, or "" when the gate did not measure it."""
+    value = image.psnr
+    if value is None:
+        return ""
+    policy = QualityPolicy.for_field(image.field)
+    text = f"{value:.2f} dB PSNR"
+    if policy.is_low_fidelity(value):
+        text += f", below the {policy.min_psnr:g} dB threshold"
+        text += " (original kept)" if image.has_original else " (no original kept)"
+    return text
+
+
+def quality_badge(image: LatentImage) -> SafeString:
+    """A "low fidelity" badge for a ready row whose round trip fell below its threshold."""
+    if not image.low_fidelity:
+        return SafeString("")
+    return SafeString(
+        f'<span class="latent-badge latent-badge-low-fidelity" data-latent-quality="low"'
+        f' title="{escape(quality_text(image))}">low fidelity</span>'
+    )
 
 
 def picture_for_error(image: LatentImage, size: int) -> SafeString:
@@ -110,17 +145,52 @@ def _safe_picture(image: LatentImage, size: int, density: int, upscale: bool = T
         return state_badge(image, error=f"{type(exc).__name__}: {exc}")
 
 
+def quality_filter(field: LatentImageField) -> type[admin.SimpleListFilter]:
+    """A change-list filter on ``field``'s measured round trip: low fidelity, fine, unmeasured."""
+    psnr = field.companion_attname("psnr")
+    state = field.companion_attname("state")
+
+    class QualityFilter(admin.SimpleListFilter):
+        title = f"{field.verbose_name} round trip"
+        parameter_name = f"{field.name}_quality"
+
+        def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+            threshold = QualityPolicy.for_field(field).min_psnr
+            return [
+                ("low", f"low fidelity (< {threshold:g} dB)"),
+                ("ok", f"≥ {threshold:g} dB"),
+                ("unmeasured", "not measured"),
+            ]
+
+        def queryset(self, request: HttpRequest, queryset: models.QuerySet) -> models.QuerySet:
+            threshold = QualityPolicy.for_field(field).min_psnr
+            value = self.value()
+            if value == "low":
+                return queryset.filter(**{f"{psnr}__lt": threshold})
+            if value == "ok":
+                return queryset.filter(**{f"{psnr}__gte": threshold})
+            if value == "unmeasured":
+                return queryset.filter(**{state: READY, f"{psnr}__isnull": True})
+            return queryset
+
+    QualityFilter.__name__ = QualityFilter.__qualname__ = f"{field.name.title()}QualityFilter"
+    return QualityFilter
+
+
 class LatentImageAdminMixin:
     """Thumbnails, a preview widget and re-encode/retry actions for every LatentImageField.
 
     Options (class attributes): ``latent_thumbnail_size`` (the thumbnail box in CSS pixels,
     default 64; pictures are fetched at twice that for high-DPI screens) and
     ``latent_thumbnail_column`` (False keeps ``list_display`` as you wrote it; put
-    ``"latent_thumbnail"`` in it yourself to place the column).
+    ``"latent_thumbnail"`` in it yourself to place the column), ``latent_quality_filter``
+    (default True: a change-list filter per field on the measured round-trip PSNR, see
+    :func:`quality_filter`).
     """
 
     latent_thumbnail_size = 64
     latent_thumbnail_column = True
+    latent_quality_filter = True
     latent_widget = LatentImageWidget
 
     # querysets: the change list never needs a blob
@@ -133,6 +203,12 @@ class LatentImageAdminMixin:
         if self.latent_thumbnail_column and THUMBNAIL_COLUMN not in columns:
             columns.insert(0, THUMBNAIL_COLUMN)
         return columns
+
+    def get_list_filter(self, request: HttpRequest) -> Any:
+        filters = list(super().get_list_filter(request))
+        if self.latent_quality_filter:
+            filters += [_quality_filter(f) for f in latent_fields_of(self.model)]
+        return filters
 
     def get_list_display_links(self, request: HttpRequest, list_display: Any) -> Any:
         links = super().get_list_display_links(request, list_display)
@@ -148,7 +224,7 @@ class LatentImageAdminMixin:
         for field in latent_fields_of(type(obj)):
             image = getattr(obj, field.name)
             picture = _safe_picture(image, box, density=2)
-            badge = state_badge(image) if image.state != READY else ""
+            badge = state_badge(image) if image.state != READY else quality_badge(image)
             parts.append(
                 f'<span class="latent-thumb" data-latent-field="{escape(field.name)}">'
                 f"{picture}{badge}</span>"

@@ -38,6 +38,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import connections, models, router, transaction
 from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from latentstore import conf
@@ -463,7 +464,9 @@ def write_back_many(
                             *[When(pk=item[0], then=Value(item[4].autoencoder)) for item in chosen],
                             output_field=models.CharField(),
                         ),
-                        col("psnr"): per_row(5, models.FloatField()),
+                        # Cast: a CASE whose branches are all NULL (gate off) is text on
+                        # PostgreSQL, which a double precision column refuses.
+                        col("psnr"): Cast(per_row(5, models.FloatField()), models.FloatField()),
                     },
                     **_columns(field, state=READY, error="", staged=None, changed=now),
                 )

@@ -349,6 +349,11 @@ class LatentImage:
 
         return QualityPolicy.for_field(self.field).is_low_fidelity(self.psnr)
 
+    @property
+    def has_original(self) -> bool:
+        """Whether the original upload is kept in the originals storage (``KEEP_ORIGINAL``)."""
+        return bool(self._companion("original"))
+
     def __bool__(self) -> bool:
         return self.state != EMPTY
 

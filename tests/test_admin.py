@@ -228,3 +228,32 @@ def test_action_retry_failed(admin_client, broker):
     assert row.image.state == "pending" and row.image_error == "" and row.image_attempts == 0
     sent = encode_pointers(broker("latents.encode"))
     assert sent == [["demo.Photo", failed, "image", str(row.image_token)]]
+
+
+def test_round_trip_quality_shows_in_the_list_the_form_and_a_filter(admin_client, settings):
+    settings.LATENTSTORE = {**settings.LATENTSTORE, "MIN_PSNR": 22.0}
+    low, fine, unmeasured = make_rows(3, distinct=True)
+    Photo.objects.filter(pk=low).update(image_psnr=17.25, image_original="originals/x.png")
+    Photo.objects.filter(pk=fine).update(image_psnr=26.5)
+
+    html = admin_client.get(CHANGELIST).content.decode()
+    assert html.count('data-latent-quality="low"') == 1
+    assert 'title="17.25 dB PSNR, below the 22 dB threshold (original kept)"' in html
+    assert "image round trip" in html and "low fidelity (&lt; 22 dB)" in html
+
+    def listed(query: str) -> set[int]:
+        page = admin_client.get(f"{CHANGELIST}?image_quality={query}").content.decode()
+        return {int(pk) for pk in re.findall(r"/admin/demo/photo/(\d+)/change/", page)}
+
+    assert listed("low") == {low}
+    assert listed("ok") == {fine}
+    assert listed("unmeasured") == {unmeasured}
+
+    form = admin_client.get(f"/admin/demo/photo/{low}/change/").content.decode()
+    assert "<dt>round trip</dt>" in form
+    assert "17.25 dB PSNR, below the 22 dB threshold (original kept)" in form
+    assert "latent-badge-low-fidelity" in form
+    form = admin_client.get(f"/admin/demo/photo/{fine}/change/").content.decode()
+    assert "26.50 dB PSNR</dd>" in form and "latent-badge-low-fidelity" not in form
+    form = admin_client.get(f"/admin/demo/photo/{unmeasured}/change/").content.decode()
+    assert "round trip" not in form.split('class="latent-details"')[1].split("</dl>")[0]

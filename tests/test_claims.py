@@ -200,6 +200,19 @@ def test_write_back_many_checks_each_token():
     assert b.image_state == PENDING and b.image.blob is None and b.image_staged
 
 
+@pytest.mark.parametrize("psnrs", [None, [None, None], [None, 21.5], [30.25, 100.0]])
+def test_write_back_many_stores_measured_and_unmeasured_psnrs(psnrs):
+    """Regression: an all-NULL PSNR column (gate off) was sent as text and PostgreSQL refused."""
+    rows = staged(2)
+    claims = encoding.claim_batch(LABEL, "image", pointers(rows))
+    results = [(cl, f"blob-{cl.pk}".encode(), f"d{cl.pk}") for cl in claims]
+    assert encoding.write_back_many(results, psnrs=psnrs) == [True, True]
+    expected = psnrs or [None, None]
+    for photo, value in zip(rows, expected, strict=True):
+        photo.refresh_from_db()
+        assert photo.image_state == READY and photo.image_psnr == value
+
+
 def test_write_back_many_never_overwrites_a_finished_row():
     (a,) = staged(1)
     (claim,) = encoding.claim_batch(LABEL, "image", pointers([a]))

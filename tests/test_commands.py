@@ -425,3 +425,32 @@ def test_encode_batches_collect_rows_and_send_them_together(broker):
         batch.add(failed[2], "t2")
     assert encode_args(broker) == [["demo.Photo", failed[2], "image", "t2"]], "the rest on exit"
     assert batch.sent == 3
+
+
+def test_status_reports_the_measured_round_trip(settings):
+    settings.LATENTSTORE = {**settings.LATENTSTORE, "MIN_PSNR": 22.0}
+    pks = make_rows(4, distinct=True)
+    for pk, value in zip(pks, [18.0, 24.0, 27.0], strict=False):
+        Photo.objects.filter(pk=pk).update(image_psnr=value)
+    Item.objects.create(name="i", picture=image_bytes(make_test_image(16, 16), "PNG"))
+
+    report = json.loads(run("latents_status", "--json", "--no-queues"))
+    quality = {(q["model"], q["field"]): q for q in report["quality"]}
+    assert quality[("demo.Photo", "image")] == {
+        "model": "demo.Photo",
+        "field": "image",
+        "ready": 4,
+        "measured": 3,
+        "mean_psnr": 23.0,
+        "worst_psnr": 18.0,
+        "min_psnr": 22.0,
+        "low_fidelity": 1,
+    }
+    assert quality[("testapp.Item", "picture")]["measured"] == 0
+
+    text = run("latents_status", "--no-queues")
+    assert (
+        "quality demo.Photo.image: 3 of 4 ready rows measured, mean 23.00 dB, worst 18.00 dB, "
+        "1 low fidelity (< 22 dB)" in text
+    )
+    assert "quality testapp.Item.picture: not measured" in text

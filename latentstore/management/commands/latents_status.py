@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.db.models import Count, Min
+from django.db.models import Avg, Count, Min, Q
 from django.utils import timezone
 
 from latentstore import conf
 from latentstore.broker import queue_depths
-from latentstore.fields import ENCODING, PENDING
+from latentstore.fields import ENCODING, PENDING, READY
 from latentstore.management.base import LatentCommand
+from latentstore.quality import QualityPolicy
 
 
 def _age(seconds: float) -> str:
@@ -43,6 +44,7 @@ class Command(LatentCommand):
         pairs = self.selected_fields(options)
         counts: list[dict[str, Any]] = []
         oldest: list[dict[str, Any]] = []
+        quality: list[dict[str, Any]] = []
         quiet = options["json"]
         total = 0 if quiet else len(pairs)
         with self.progress(total, "counting", unit="fields", lines=False) as progress:
@@ -80,6 +82,7 @@ class Command(LatentCommand):
                             "age_seconds": round((now - first).total_seconds(), 1),
                         }
                     )
+                quality.append(self._quality(model, field))
                 progress.update()
 
         settings = conf.get_settings()
@@ -94,6 +97,7 @@ class Command(LatentCommand):
                     {
                         "rows": counts,
                         "oldest_pending": oldest,
+                        "quality": quality,
                         "queues": [
                             {"queue": q.queue, "messages": q.messages, "error": q.error}
                             for q in queues
@@ -112,6 +116,8 @@ class Command(LatentCommand):
                 )
             if not oldest:
                 self.stdout.write("oldest pending: none")
+            for item in quality:
+                self.stdout.write(self._quality_line(item))
             for q in queues:
                 if q.messages is None:
                     self.stdout.write(f"queue {q.queue}: unknown ({q.error})")
@@ -123,6 +129,41 @@ class Command(LatentCommand):
                 "Queue depth unknown for "
                 + ", ".join(f"{q.queue} ({q.error})" for q in unreachable)
             )
+
+    @staticmethod
+    def _quality(model: Any, field: Any) -> dict[str, Any]:
+        """Ready rows measured by the encode-time gate, their PSNR, and how many fall short."""
+        threshold = QualityPolicy.for_field(field).min_psnr
+        psnr = field.companion_attname("psnr")
+        ready = model._base_manager.filter(**{field.companion_attname("state"): READY})
+        numbers = ready.aggregate(
+            ready=Count("pk"),
+            measured=Count(psnr),
+            mean=Avg(psnr),
+            worst=Min(psnr),
+            low=Count("pk", filter=Q(**{f"{psnr}__lt": threshold})),
+        )
+        return {
+            "model": model._meta.label,
+            "field": field.name,
+            "ready": numbers["ready"],
+            "measured": numbers["measured"],
+            "mean_psnr": None if numbers["mean"] is None else round(numbers["mean"], 2),
+            "worst_psnr": None if numbers["worst"] is None else round(numbers["worst"], 2),
+            "min_psnr": threshold,
+            "low_fidelity": numbers["low"],
+        }
+
+    @staticmethod
+    def _quality_line(item: dict[str, Any]) -> str:
+        where = f"quality {item['model']}.{item['field']}:"
+        if not item["measured"]:
+            return f"{where} not measured (quality_check / QUALITY_CHECK off)"
+        return (
+            f"{where} {item['measured']} of {item['ready']} ready rows measured, "
+            f"mean {item['mean_psnr']:.2f} dB, worst {item['worst_psnr']:.2f} dB, "
+            f"{item['low_fidelity']} low fidelity (< {item['min_psnr']:g} dB)"
+        )
 
     def _print_table(self, counts: list[dict[str, Any]]) -> None:
         header = ("model", "field", "state", "autoencoder", "rows")
