@@ -181,6 +181,11 @@ def _expect_robustness_cases(items):
         for case in CASES
     )
     _REPORT.expected_inputs = {c.name for c in CASES} if corpus_selected else set()
+    # The fault tests: all of them, or the README keeps its last complete report.
+    from tests.robustness import FAULTS
+
+    fault_tests = [n for n in names if "test_faults.py::" in n]
+    _REPORT.expected_faults = set(FAULTS) if len(fault_tests) >= len(FAULTS) else {"(all)"}
 
 
 def pytest_runtest_logreport(report):

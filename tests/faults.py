@@ -135,21 +135,26 @@ class TcpProxy:
 class WorkerProcess:
     """A real ``celery worker`` in its own process (solo pool), which a test may ``kill -9``."""
 
-    def __init__(self, env: dict[str, str], name: str, queues: str = "latents.encode") -> None:
-        self.env = env
+    def __init__(
+        self, env: dict[str, str], name: str, queues: str = "latents.encode", fault: str = ""
+    ) -> None:
+        self.env = {**env, "LATENTSTORE_FAULT": fault} if fault else env
         self.name = name
         self.queues = queues
+        self.fault = fault
         self.proc: subprocess.Popen | None = None
         self.log = Path(env.get("LATENTSTORE_VAR_DIR", "/tmp")) / f"worker-{name}.log"
 
     def start(self) -> WorkerProcess:
+        if self.proc is not None:  # started already (``with WorkerProcess(...).start()``)
+            return self
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        # With a fault, tests.fault_worker injects it and then runs the same worker.
+        launcher = ["tests.fault_worker"] if self.fault else ["celery", "-A", "project"]
         cmd = [
             sys.executable,
             "-m",
-            "celery",
-            "-A",
-            "project",
+            *launcher,
             "worker",
             "-P",
             "solo",
@@ -167,6 +172,16 @@ class WorkerProcess:
                 cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
             )
         return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait for Celery's "ready." line (the worker consumes from then on)."""
+
+        def ready() -> bool:
+            if not self.alive():
+                raise AssertionError(f"worker {self.name} exited:\n{self.output()[-3000:]}")
+            return " ready." in self.output()
+
+        wait_until(ready, timeout=timeout, interval=0.1, what=f"worker {self.name} to start")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -15,6 +15,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 ARTIFACT = ROOT / "var" / "test-artifacts" / "robustness.md"
+#: The faults of ``tests/test_faults.py``: name -> what the test does.
+FAULTS: dict[str, str] = {
+    "kill-9": "`kill -9` of a worker process in the middle of a batch",
+    "redis-restart": "Redis restarted without persistence while rows were pending",
+    "broker-down-at-save": "broker unreachable at `save()`",
+    "rollback": "transaction rolled back after assignment (new row and re-upload)",
+    "reupload-while-encoding": "row re-uploaded while its old version was encoding",
+    "poison": "a poison picture that always crashes the encoder, in a batch of 4",
+    "database-cut": "database connections cut during the worker's write-back",
+    "corrupt-blob": "corrupt blobs (truncated, one bit-flipped byte) in ready rows",
+}
+
 START, END = "<!-- robustness-report:start -->", "<!-- robustness-report:end -->"
 
 

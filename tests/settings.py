@@ -85,6 +85,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 # A worker process started by a test joins that test's database, queues and LATENTSTORE.
 if os.environ.get("LATENTSTORE_TEST_DB_NAME") and POSTGRES_AVAILABLE:
     DATABASES["default"]["NAME"] = os.environ["LATENTSTORE_TEST_DB_NAME"]
+    # A fault test may route the worker's database through a proxy it can cut.
+    DATABASES["default"]["PORT"] = os.environ.get("LATENTSTORE_TEST_DB_PORT", "5432")
+    DATABASES["default"]["OPTIONS"] = {"connect_timeout": 3}
 if os.environ.get("LATENTSTORE_TEST_CONFIG"):
     LATENTSTORE = json.loads(os.environ["LATENTSTORE_TEST_CONFIG"])
 
