@@ -130,6 +130,10 @@ def celery_worker(transactional_db):
 
     from project.celery import app
 
+    # Messages an earlier test left behind (a retry due later, handed back when its worker
+    # stopped) would fill their batch with this test's pending rows: start from empty queues.
+    for queue in ("latents.encode", "latents.decode"):
+        drain(queue, timeout=0.05)
     # The test worker sets the root logger to ERROR; later tests' caplog must still see warnings.
     root_level = logging.getLogger().level
     with start_worker(
