@@ -72,8 +72,14 @@ def png_bytes():
 
 
 def drain(queue: str, timeout: float = 0.5) -> list:
-    """Take every message waiting in ``queue`` on the real broker: [(task name, args, message)]."""
+    """Take every message waiting in ``queue`` on the real broker: [(task name, args, message)].
+
+    Waits up to ``timeout`` for the first message, then 0.05 s for each next one. Polls with
+    non-blocking gets: a blocking get leaves a Redis ``BRPOP`` outstanding, and closing the
+    channel then waits for it, a second per call.
+    """
     import json
+    import time
 
     from project.celery import app
 
@@ -81,15 +87,19 @@ def drain(queue: str, timeout: float = 0.5) -> list:
     with app.connection_for_read() as conn:
         simple = conn.SimpleQueue(queue, no_ack=True)
         try:
+            deadline = time.monotonic() + timeout
             while True:
                 try:
-                    message = simple.get(timeout=timeout)
+                    message = simple.get_nowait()
                 except simple.Empty:
-                    break
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.01)
+                    continue
                 assert message.content_type == "application/json", message.content_type
                 args, _kwargs, _embed = json.loads(message.body)
                 taken.append((message.headers["task"], args, message))
-                timeout = 0.05
+                deadline = time.monotonic() + 0.05
         finally:
             simple.close()
     return taken

@@ -79,7 +79,9 @@ STORAGES = {
 CELERY_BROKER_URL = REDIS_URL if REDIS_AVAILABLE else "memory://"
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "global_keyprefix": os.environ.get("LATENTSTORE_TEST_KEYPREFIX")
-    or f"lstest-{uuid.uuid4().hex[:8]}:"
+    or f"lstest-{uuid.uuid4().hex[:8]}:",
+    # Redis BRPOP waits this long (default 1 s): every test worker's shutdown waits for it.
+    "polling_interval": 0.2,
 }
 
 # A worker process started by a test joins that test's database, queues and LATENTSTORE.
