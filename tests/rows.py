@@ -6,6 +6,11 @@ use it too.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from latentstore.latents import blob_digest, pack
@@ -51,3 +56,23 @@ def make_rows(
             blob = fake_blob(start + i + 1)
             Photo.objects.filter(pk=pk).update(image=blob, image_digest=blob_digest(blob))
     return pks
+
+
+def run_web_tier(script: str, var_dir: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh web-tier process: the example project on SQLite under
+    ``var_dir`` and an in-memory broker, so whatever it imports is what the web tier imports."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "LATENTSTORE_VAR_DIR": str(var_dir),
+        "DATABASE_URL": f"sqlite:///{var_dir}/db.sqlite3",
+        "CELERY_BROKER_URL": "memory://",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -16,14 +12,13 @@ from django.test.utils import CaptureQueriesContext
 
 from project.models import Photo
 from tests.conftest import encode_pointers, latentstore_config
-from tests.rows import fake_blob, make_rows
+from tests.rows import fake_blob, make_rows, run_web_tier
 from tests.test_field import encode_now
 from tests.tiny import image_bytes, make_test_image
 from workers import autoencoders
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 CHANGELIST = "/admin/demo/photo/"
 
 
@@ -85,21 +80,7 @@ assert thumb.status_code == 200 and thumb["Content-Type"] == "image/webp", thumb
 assert "torch" not in sys.modules and "diffusers" not in sys.modules, "torch was imported"
 print("NO-TORCH-OK")
 """
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "project.settings",
-        "LATENTSTORE_VAR_DIR": str(tmp_path),
-        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
-        "CELERY_BROKER_URL": "memory://",
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    out = run_web_tier(script, tmp_path, timeout=180)
     assert "NO-TORCH-OK" in out.stdout, out.stderr[-3000:]
 
 

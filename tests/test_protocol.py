@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -15,13 +11,12 @@ from django.utils import timezone
 from latentstore import encoding
 from project.models import Photo
 from tests.conftest import broker_unreachable
+from tests.rows import run_web_tier
 from tests.testapp.models import Item
 from tests.tiny import image_bytes, make_test_image
 from workers import tasks as worker_tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(obj, field="image", states=("ready", "failed"), timeout=60.0):
@@ -157,12 +152,9 @@ call_command("migrate", verbosity=0)
 from project.models import Photo
 p = Photo.objects.create(title="x", image={png_bytes!r})
 assert Photo.objects.get(pk=p.pk).image.state == "pending"
-import numpy as np
-from latentstore.latents import blob_digest, pack
-z = np.random.default_rng(0).normal(size=(4, 3, 5)).astype("float32")
-blob = pack(z, autoencoder="default", family="sd", fingerprint="0" * 16,
-            scaling_factor=0.18215, shift_factor=0.0,
-            width=40, height=24)
+from latentstore.latents import blob_digest
+from tests.rows import fake_blob
+blob = fake_blob()
 Photo.objects.filter(pk=p.pk).update(image=blob, image_state="ready",
                                      image_digest=blob_digest(blob), image_autoencoder="default")
 q = Photo.objects.get(pk=p.pk)
@@ -172,21 +164,7 @@ assert q.image.preview(size=16).size == (16, 10)
 assert "torch" not in sys.modules and "diffusers" not in sys.modules, "torch was imported"
 print("NO-TORCH-OK")
 """
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "project.settings",
-        "LATENTSTORE_VAR_DIR": str(tmp_path),
-        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
-        "CELERY_BROKER_URL": "memory://",
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_web_tier(script, tmp_path, timeout=120)
     assert "NO-TORCH-OK" in out.stdout, out.stderr
 
 

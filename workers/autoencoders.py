@@ -90,6 +90,23 @@ class LoadedAutoencoder:
                 return int(channels[0])
         return 128  # the SD VAE's: a safe guess for an unknown architecture
 
+    def pack(self, latents: Any, width: int, height: int, dtype: str = "float16") -> bytes:
+        """A latent blob of ``latents`` stamped with this autoencoder's identity and factors."""
+        from latentstore.latents import pack
+
+        return pack(
+            latents,
+            autoencoder=self.alias,
+            family=self.family,
+            fingerprint=self.fingerprint,
+            scaling_factor=self.scaling_factor,
+            shift_factor=self.shift_factor,
+            width=width,
+            height=height,
+            downsample=self.downsample,
+            dtype=dtype,
+        )
+
     def should_tile(self, width: int, height: int) -> bool:
         """Whether a ``width x height`` picture goes through the tiled encoder/decoder."""
         return self.tile_above_pixels is not None and width * height > self.tile_above_pixels

@@ -299,6 +299,22 @@ class _ModelDecoder(BaseDecoder):
             }
         )
 
+    def _load(self, loader: Any) -> Any:
+        """This decoder's model through ``loader`` (cached once per process by the loader)."""
+        return loader(
+            str(self.pretrained),
+            subfolder=self.subfolder,
+            revision=self.revision,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def _require_downsample(self, header: LatentHeader, factor: int) -> None:
+        if factor != header.downsample:
+            raise self.incompatible(
+                header, f"decodes {factor}x latents (these are {header.downsample}x)"
+            )
+
     def _require_channels(self, header: LatentHeader) -> None:
         from latentstore.families import FAMILIES
 
@@ -393,13 +409,7 @@ class TAESDDecoder(_ModelDecoder):
 
         from workers.decoder_models import load_tiny_autoencoder
 
-        loaded = load_tiny_autoencoder(
-            str(self.pretrained),
-            subfolder=self.subfolder,
-            revision=self.revision,
-            device=self.device,
-            dtype=self.dtype,
-        )
+        loaded = self._load(load_tiny_autoencoder)
         cfg = loaded.model.config
         if int(cfg.latent_channels) != header.shape[0]:
             raise DecoderConfigError(
@@ -408,10 +418,7 @@ class TAESDDecoder(_ModelDecoder):
                 f"({header.shape[0]} channels); is 'pretrained' the TAESD of this family?"
             )
         factor = int(cfg.upsampling_scaling_factor) ** (len(cfg.decoder_block_out_channels) - 1)
-        if factor != header.downsample:
-            raise self.incompatible(
-                header, f"decodes {factor}x latents (these are {header.downsample}x)"
-            )
+        self._require_downsample(header, factor)
         z = _model_space(header, latents)
         with torch.inference_mode():
             sample = loaded.model.decode(z.to(device=loaded.device, dtype=loaded.dtype)).sample
@@ -458,19 +465,9 @@ class ConsistencyDecoder(_ModelDecoder):
 
         from workers.decoder_models import load_consistency_decoder
 
-        loaded = load_consistency_decoder(
-            str(self.pretrained),
-            subfolder=self.subfolder,
-            revision=self.revision,
-            device=self.device,
-            dtype=self.dtype,
-        )
+        loaded = self._load(load_consistency_decoder)
         model = loaded.model
-        factor = 2 ** (len(model.config.block_out_channels) - 1)
-        if factor != header.downsample:
-            raise self.incompatible(
-                header, f"decodes {factor}x latents (these are {header.downsample}x)"
-            )
+        self._require_downsample(header, 2 ** (len(model.config.block_out_channels) - 1))
         # decode() multiplies by its own scaling_factor: hand it the raw latents that give the
         # blob's model space, (raw - shift) * scaling -- for SD, the raw latents themselves.
         z = _raw_for(header, latents, float(model.config.scaling_factor))

@@ -40,7 +40,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, conn
 
 from latentstore import conf, encoding
 from latentstore.encoding import Claim
-from latentstore.latents import blob_digest, pack
+from latentstore.latents import blob_digest
 from workers.batching import NonFinite, Outcome, OutOfMemory
 from workers.codec import UnreadablePicture, iter_encode
 
@@ -267,18 +267,7 @@ class EncodeRun:
         """
         error = outcome.error
         if error is None:
-            blob = pack(
-                outcome.value,
-                autoencoder=ae.alias,
-                family=ae.family,
-                fingerprint=ae.fingerprint,
-                scaling_factor=ae.scaling_factor,
-                shift_factor=ae.shift_factor,
-                width=claim.width,
-                height=claim.height,
-                downsample=ae.downsample,
-                dtype=claim.latent_dtype,
-            )
+            blob = ae.pack(outcome.value, claim.width, claim.height, claim.latent_dtype)
             psnr = self.measure(ae, claim, picture, blob) if claim.quality.check else None
             return _Done(claim, blob, blob_digest(blob), psnr)
         if isinstance(error, UnreadablePicture):

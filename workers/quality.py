@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from latentstore.latents import pack, unpack
+from latentstore.latents import unpack
 from latentstore.quality import QualityPolicy, psnr
 from workers.autoencoders import LoadedAutoencoder
 from workers.codec import NonFiniteImage, decode_latents, encode_images
@@ -116,18 +116,7 @@ def measure_round_trip(
     """
     ae = model if isinstance(model, LoadedAutoencoder) else wrap(model)
     (latents,) = encode_images(ae, [picture])
-    blob = pack(
-        latents,
-        autoencoder=ae.alias,
-        family=ae.family,
-        fingerprint=ae.fingerprint,
-        scaling_factor=ae.scaling_factor,
-        shift_factor=ae.shift_factor,
-        width=picture.width,
-        height=picture.height,
-        downsample=ae.downsample,
-        dtype=dtype,
-    )
+    blob = ae.pack(latents, picture.width, picture.height, dtype)
     header, stored = unpack(blob)
     decoded = decode_latents(ae, stored, header.width, header.height)
     return RoundTrip(
