@@ -43,11 +43,6 @@ def latent_fields_of(model: type[models.Model]) -> tuple[LatentImageField, ...]:
     return tuple(f for f in model._meta.concrete_fields if isinstance(f, LatentImageField))
 
 
-@functools.cache
-def _quality_filter(field: LatentImageField) -> type[admin.SimpleListFilter]:
-    return quality_filter(field)
-
-
 class LatentImageWidget(forms.ClearableFileInput):
     """A file input with the current picture, its state badge and where its latents came from."""
 
@@ -145,6 +140,7 @@ def _safe_picture(image: LatentImage, size: int, density: int, upscale: bool = T
         return state_badge(image, error=f"{type(exc).__name__}: {exc}")
 
 
+@functools.cache
 def quality_filter(field: LatentImageField) -> type[admin.SimpleListFilter]:
     """A change-list filter on ``field``'s measured round trip: low fidelity, fine, unmeasured."""
     psnr = field.companion_attname("psnr")
@@ -207,7 +203,7 @@ class LatentImageAdminMixin:
     def get_list_filter(self, request: HttpRequest) -> Any:
         filters = list(super().get_list_filter(request))
         if self.latent_quality_filter:
-            filters += [_quality_filter(f) for f in latent_fields_of(self.model)]
+            filters += [quality_filter(f) for f in latent_fields_of(self.model)]
         return filters
 
     def get_list_display_links(self, request: HttpRequest, list_display: Any) -> Any:

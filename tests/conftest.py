@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import pytest
 from django.conf import settings as django_settings
@@ -155,6 +157,27 @@ def celery_worker(transactional_db):
     ) as worker:
         yield worker
     logging.getLogger().setLevel(root_level)
+
+
+@pytest.fixture
+def worker_env(settings, tmp_path):
+    """The environment of a worker process joining this test's database, queues and settings."""
+    from django.db import connection
+
+    def make(**extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "LATENTSTORE_TEST_DB_NAME": connection.settings_dict["NAME"],
+            "LATENTSTORE_TEST_KEYPREFIX": django_settings.CELERY_BROKER_TRANSPORT_OPTIONS[
+                "global_keyprefix"
+            ],
+            "LATENTSTORE_TEST_CONFIG": json.dumps(settings.LATENTSTORE),
+            "LATENTSTORE_VAR_DIR": str(tmp_path),
+            **extra,
+        }
+
+    return make
 
 
 @contextlib.contextmanager

@@ -289,54 +289,27 @@ def test_a_long_batch_renews_its_leases_between_passes(settings):
 
 @pytest.mark.heavy
 @requires_postgres
-def test_two_worker_processes_with_duplicated_messages_write_each_row_once(broker, settings):
+def test_two_worker_processes_with_duplicated_messages_write_each_row_once(
+    broker, settings, worker_env
+):
     """Two real ``celery worker`` processes, one broker, one database, every message twice."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from django.conf import settings as django_settings
+    from tests.faults import WorkerProcess
 
     settings.LATENTSTORE = {**settings.LATENTSTORE, "ENCODE_BATCH_SIZE": 4}
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "LATENTSTORE_TEST_DB_NAME": connection.settings_dict["NAME"],
-        "LATENTSTORE_TEST_KEYPREFIX": django_settings.CELERY_BROKER_TRANSPORT_OPTIONS[
-            "global_keyprefix"
-        ],
-        "LATENTSTORE_TEST_CONFIG": json.dumps(settings.LATENTSTORE),
-    }
     photos = []
     with blob_write_counter() as writes:
         with broker_unreachable():
             photos = [Photo.objects.create(title=f"m{i}", image=png(seed=i)) for i in range(24)]
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "project", "--quiet", "worker", "-P"]
-                + ["solo", "-Q", "latents.encode", "--without-heartbeat", "--without-mingle"]
-                + ["--without-gossip", "-n", f"w{i}-{os.getpid()}@%h", "--loglevel=WARNING"],
-                env=env,
-                cwd=str(ROOT),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            for i in range(2)
-        ]
+        workers = [WorkerProcess(worker_env(), f"w{i}") for i in range(2)]
         try:
+            for worker in workers:
+                worker.start()
             items = [(p.pk, str(p.image_token)) for p in photos]
             for _duplicate in range(2):
                 assert encoding.enqueue_encode_batch(LABEL, "image", items) == 24
             wait_all(photos, timeout=300)
         finally:
             for worker in workers:
-                worker.send_signal(signal.SIGTERM)
-            for worker in workers:
-                try:
-                    worker.wait(60)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
+                worker.stop()
         assert all(p.image.state == "ready" and p.image_attempts == 1 for p in photos)
         assert writes() == {p.pk: 1 for p in photos}

@@ -14,8 +14,6 @@ diffusers model by ``tests.fault_worker``.
 from __future__ import annotations
 
 import io
-import json
-import os
 import shutil
 import socket
 import subprocess
@@ -54,26 +52,6 @@ def magenta(size=(40, 24)) -> bytes:
     from PIL import Image
 
     return image_bytes(Image.new("RGB", size, (255, 0, 255)), "PNG")
-
-
-@pytest.fixture
-def worker_env(settings, tmp_path):
-    """The environment of a worker process joining this test's database, queues and settings."""
-
-    def make(**extra: str) -> dict[str, str]:
-        return {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "LATENTSTORE_TEST_DB_NAME": connection.settings_dict["NAME"],
-            "LATENTSTORE_TEST_KEYPREFIX": django_settings.CELERY_BROKER_TRANSPORT_OPTIONS[
-                "global_keyprefix"
-            ],
-            "LATENTSTORE_TEST_CONFIG": json.dumps(settings.LATENTSTORE),
-            "LATENTSTORE_VAR_DIR": str(tmp_path),
-            **extra,
-        }
-
-    return make
 
 
 @pytest.fixture
