@@ -108,7 +108,6 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
     from diffusers import AutoencoderKL
 
     from latentstore.latents import unpack
-    from workers.codec import decode_latents
     from workers.quality import measure_round_trip, structural_similarity, wrap
     from workers.training.data import HELD_OUT, load_image
 
@@ -131,14 +130,13 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
         started = time.perf_counter()
         curves[name] = {fmt: classic_curve(picture, fmt) for fmt in ("JPEG", "WEBP")}
         for form in LATENT_FORMS:
-            trip = measure_round_trip(ae, picture, dtype=form)
-            ssim = structural_similarity(picture, trip.decoded)
+            trip = measure_round_trip(ae, picture, dtype=form, ssim=True)
+            ssim = trip.ssim
             packed = compressor.compress(trip.blob)
-            # The compressed blob must give back the very same latents (zstd is lossless).
-            header, latents = unpack(decompressor.decompress(packed))
+            # The compressed blob must give back the very same latents (zstd is lossless), so
+            # it decodes to trip.decoded: the decoder is deterministic.
+            _header, latents = unpack(decompressor.decompress(packed))
             assert np.array_equal(latents, unpack(trip.blob)[1])
-            decoded = decode_latents(ae, latents, header.width, header.height)
-            assert psnr(trip.decoded, decoded) >= 99.0
             for label, nbytes in ((form, trip.nbytes), (f"{form}+zstd", len(packed))):
                 rows.append(
                     Row(

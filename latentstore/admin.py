@@ -290,21 +290,21 @@ class LatentImageAdminMixin:
 @admin.action(description="Re-encode selected images (from kept originals)")
 def reencode_selected(modeladmin: Any, request: HttpRequest, queryset: models.QuerySet) -> None:
     """Stage each selected row's original again and enqueue its encode."""
-    for field in latent_fields_of(queryset.model):
-        report = maintenance.reencode(
-            queryset.model, field, pks=list(queryset.values_list("pk", flat=True))
-        )
-        _report(modeladmin, request, field, report, "re-encoding")
+    _act(modeladmin, request, queryset, maintenance.reencode, "re-encoding")
 
 
 @admin.action(description="Retry failed images")
 def retry_failed(modeladmin: Any, request: HttpRequest, queryset: models.QuerySet) -> None:
     """Queue the failed rows among the selected ones again."""
+    _act(modeladmin, request, queryset, maintenance.retry, "queued again")
+
+
+def _act(
+    modeladmin: Any, request: HttpRequest, queryset: models.QuerySet, action: Any, verb: str
+) -> None:
+    pks = list(queryset.values_list("pk", flat=True))
     for field in latent_fields_of(queryset.model):
-        report = maintenance.retry(
-            queryset.model, field, pks=list(queryset.values_list("pk", flat=True))
-        )
-        _report(modeladmin, request, field, report, "queued again")
+        _report(modeladmin, request, field, action(queryset.model, field, pks=pks), verb)
 
 
 def _report(

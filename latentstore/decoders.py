@@ -104,6 +104,9 @@ class BaseDecoder:
     #: Concurrent misses for the same picture wait for one decode (a short cache lock). Off for
     #: decoders so cheap that the lock's round trips would cost more than decoding twice.
     single_flight: bool = True
+    #: Cheap enough to render inside a picture request on a cache miss (instead of serving the
+    #: preview and scheduling a warm-up decode).
+    instant: bool = False
 
     def __init__(self, alias: str, RUN: str = RUN_LOCAL, **options: Any) -> None:
         if RUN not in (RUN_LOCAL, RUN_WORKER):
@@ -211,6 +214,7 @@ class LatentRGBDecoder(BaseDecoder):
     """The instant linear latent→RGB projection (a C×3 matrix per family): no model, no torch."""
 
     single_flight = False  # ~1 ms: cheaper than a lock's round trips to a shared cache
+    instant = True
 
     def readable_families(self) -> tuple[str, ...]:
         from latentstore.families import FAMILIES

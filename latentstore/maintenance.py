@@ -28,7 +28,6 @@ from django.db.models import BinaryField, F
 from django.db.models.functions import Substr
 from django.utils import timezone
 
-from latentstore import conf
 from latentstore.encoding import enqueue_encode_batch, originals_storage
 from latentstore.fields import (
     EMPTY,
@@ -41,6 +40,7 @@ from latentstore.fields import (
     without_blobs,
 )
 from latentstore.latents import LatentFormatError, LatentHeader, read_header
+from latentstore.quality import QualityPolicy
 
 IN_FLIGHT = "already pending or encoding"
 NO_ORIGINAL = "no original kept"
@@ -114,7 +114,7 @@ class EncodeBatch:
         self.flush()
 
 
-def small_rows(model: type[models.Model], field: LatentImageField) -> models.QuerySet:
+def small_rows(model: type[models.Model]) -> models.QuerySet:
     """Rows of ``model`` with the blob and the staged original deferred, in primary key order."""
     return without_blobs(model._base_manager.all()).order_by("pk")
 
@@ -127,8 +127,7 @@ def _companions(field: LatentImageField, **values: Any) -> dict[str, Any]:
 
 
 def _keeps_originals(field: LatentImageField) -> bool:
-    keep = field.keep_original
-    return bool(conf.get_settings()["KEEP_ORIGINAL"] if keep is None else keep)
+    return bool(QualityPolicy.for_field(field).keep_original)  # "low_fidelity" keeps some
 
 
 def stage_again(
@@ -284,21 +283,27 @@ def reencode(
     autoencoder: str | None = None,
 ) -> Report:
     """Re-encode the rows ``pks`` from their originals (the admin action)."""
-    report = Report()
-    rows = small_rows(model, field).filter(pk__in=pks)
-    with EncodeBatch(model._meta.label, field.name) as batch:
-        for instance in rows.iterator(chunk_size=200):
-            report.add(reencode_row(instance, field, autoencoder=autoencoder, batch=batch))
-    return report
+    return _each_row(
+        model,
+        field,
+        pks,
+        lambda row, batch: reencode_row(row, field, autoencoder=autoencoder, batch=batch),
+    )
 
 
 def retry(model: type[models.Model], field: LatentImageField, pks: Sequence[Any]) -> Report:
     """Queue the failed rows among ``pks`` again (the admin action)."""
+    return _each_row(model, field, pks, lambda row, batch: retry_row(row, field, batch=batch))
+
+
+def _each_row(
+    model: type[models.Model], field: LatentImageField, pks: Sequence[Any], act: Any
+) -> Report:
     report = Report()
-    rows = small_rows(model, field).filter(pk__in=pks)
+    rows = small_rows(model).filter(pk__in=pks)
     with EncodeBatch(model._meta.label, field.name) as batch:
         for instance in rows.iterator(chunk_size=200):
-            report.add(retry_row(instance, field, batch=batch))
+            report.add(act(instance, batch))
     return report
 
 
@@ -352,10 +357,11 @@ def psnr(a: bytes, b: bytes) -> float:
     import numpy as np
     from PIL import Image
 
+    from latentstore import quality
+
     with Image.open(io.BytesIO(a)) as first, Image.open(io.BytesIO(b)) as second:
-        x = np.asarray(first.convert("RGB"), dtype=np.float64)
-        y = np.asarray(second.convert("RGB"), dtype=np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"cannot compare pictures of shapes {x.shape} and {y.shape}")
-    mse = float(np.mean((x - y) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+        x = np.asarray(first.convert("RGB"))
+        y = np.asarray(second.convert("RGB"))
+    if x.shape == y.shape and np.array_equal(x, y):
+        return math.inf
+    return quality.psnr(x, y)

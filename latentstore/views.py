@@ -26,7 +26,7 @@ from django.views.decorators.http import require_safe
 
 from latentstore import conf
 from latentstore import signing as picture_signing
-from latentstore.decoders import InvalidDecoderError, LatentRGBDecoder, decoders
+from latentstore.decoders import InvalidDecoderError, decoders
 from latentstore.decoding import (
     CONTENT_TYPES,
     decoder_fingerprint,
@@ -82,7 +82,7 @@ def picture(request: HttpRequest, token: str, ext: str) -> HttpResponse:
     cache = get_cache()
 
     data = cache.get(key)
-    if data is None and _is_instant(backend):
+    if data is None and backend.instant:
         try:
             data = render(image, ref.decoder, target, ref.format)
         except Exception as exc:  # a corrupt blob or latents the decoder refuses
@@ -104,10 +104,6 @@ def picture(request: HttpRequest, token: str, ext: str) -> HttpResponse:
         return _unreadable(ref, exc)
     schedule_warmup(image, ref.decoder, ref.size, ref.format)
     return _respond(request, data, content_type, etag, ref, immutable=False)
-
-
-def _is_instant(backend: Any) -> bool:
-    return bool(getattr(backend, "instant", isinstance(backend, LatentRGBDecoder)))
 
 
 def _matches(request: HttpRequest, etag: str) -> bool:

@@ -115,9 +115,6 @@ class LoadedAutoencoder:
     def tiling(self, enabled: bool) -> Iterator[None]:
         """Hold the model's lock with diffusers' tiling switched on or off for one call."""
         with self.lock:
-            if not hasattr(self.model, "use_tiling"):  # a model without diffusers' tiling
-                yield
-                return
             before = self.model.use_tiling
             self.model.use_tiling = enabled
             try:

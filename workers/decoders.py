@@ -315,6 +315,10 @@ class _ModelDecoder(BaseDecoder):
                 header, f"decodes {factor}x latents (these are {header.downsample}x)"
             )
 
+    def check(self, header: LatentHeader) -> None:
+        super().check(header)
+        self._require_channels(header)
+
     def _require_channels(self, header: LatentHeader) -> None:
         from latentstore.families import FAMILIES
 
@@ -400,10 +404,6 @@ class TAESDDecoder(_ModelDecoder):
 
         return header.family == self.family and header.shape[0] == FAMILIES[self.family].channels
 
-    def check(self, header: LatentHeader) -> None:
-        super().check(header)
-        self._require_channels(header)
-
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
         import torch
 
@@ -455,10 +455,6 @@ class ConsistencyDecoder(_ModelDecoder):
 
     def fingerprint(self, autoencoder: str) -> str:
         return _digest([super().fingerprint(autoencoder), self.seed])
-
-    def check(self, header: LatentHeader) -> None:
-        super().check(header)
-        self._require_channels(header)
 
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
         import torch

@@ -110,7 +110,7 @@ class Command(LatentCommand):
 
         plans = []
         for model, field in pairs:
-            rows = maintenance.small_rows(model, field).exclude(
+            rows = maintenance.small_rows(model).exclude(
                 **{field.companion_attname("state"): EMPTY}
             )
             rows, after = self.restrict(rows, pairs, options)
@@ -133,7 +133,7 @@ class Command(LatentCommand):
                         keep = set(chunk)
                         if options["origin_mismatch"]:
                             keep = self._mismatched(model, field, chunk, target, fingerprints)
-                        instances = maintenance.small_rows(model, field).filter(pk__in=chunk)
+                        instances = maintenance.small_rows(model).filter(pk__in=chunk)
                         for instance in instances:
                             if instance.pk in keep:
                                 outcome = maintenance.reencode_row(
@@ -250,7 +250,7 @@ class Command(LatentCommand):
             ]
         values, problems = [], []
         for model, field, pk, before in measured:
-            image = getattr(maintenance.small_rows(model, field).get(pk=pk), field.name)
+            image = getattr(maintenance.small_rows(model).get(pk=pk), field.name)
             if image.state != READY:
                 problems.append(f"pk={pk} is {image.state} after re-encoding: {image.error}")
                 continue

@@ -25,7 +25,7 @@ class Command(LatentCommand):
         pairs = self.selected_fields(options)
         for model, field in pairs:
             label = f"{model._meta.label}.{field.name}"
-            rows = maintenance.small_rows(model, field).filter(
+            rows = maintenance.small_rows(model).filter(
                 **{field.companion_attname("state"): FAILED}
             )
             rows, after = self.restrict(rows, pairs, options)
@@ -33,7 +33,7 @@ class Command(LatentCommand):
             batch = maintenance.EncodeBatch(model._meta.label, field.name)
             with self.progress(total, label) as progress, batch:
                 for chunk in chunks(rows, options["batch_size"], after=after):
-                    for instance in maintenance.small_rows(model, field).filter(pk__in=chunk):
+                    for instance in maintenance.small_rows(model).filter(pk__in=chunk):
                         outcome = maintenance.retry_row(
                             instance, field, dry_run=dry_run, batch=batch
                         )
