@@ -206,6 +206,22 @@ def test_gate_measures_the_stored_round_trip(settings):
     assert stored.image_original == ""  # the gate alone keeps nothing
 
 
+def test_gate_measures_each_row_of_a_batch(settings, broker):
+    """One batched round-trip decode gives every row its own number (mixed sizes, noise too)."""
+    settings.LATENTSTORE = shipped_config(QUALITY_CHECK=True, MIN_PSNR=20.0)
+    uploads = [natural_png(), natural_png(80, 48), noise_png()]
+    with encoding.batched_enqueue():  # one batch message, taken off the queue and run here
+        photos = [Photo.objects.create(title=f"b{i}", image=u) for i, u in enumerate(uploads)]
+    broker("latents.encode")
+    items = [[p.pk, str(p.image_token)] for p in photos]
+    worker_tasks.encode_batch.apply(args=["demo.Photo", "image", items]).get()
+    for photo, upload in zip(photos, uploads, strict=True):
+        stored = Photo.objects.get(pk=photo.pk)
+        original = Image.open(ContentFile(upload)).convert("RGB")
+        assert stored.image.psnr == pytest.approx(psnr(original, stored.image.decode()), abs=1e-6)
+    assert [Photo.objects.get(pk=p.pk).image.low_fidelity for p in photos] == [False, False, True]
+
+
 def test_gate_flags_dense_noise_and_keeps_its_original(settings):
     settings.LATENTSTORE = shipped_config(KEEP_ORIGINAL="low_fidelity", MIN_PSNR=20.0)
     good = Photo.objects.create(title="good", image=natural_png())

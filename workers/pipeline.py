@@ -10,8 +10,10 @@ row):
 3. :func:`workers.codec.iter_encode` runs the batches (memory-bounded, OOM-split, NaN re-run in
    float32) and hands back each batch's outcomes as soon as it is done.
 4. The per-item loop (:meth:`EncodeRun.finish_item`) turns each outcome into a blob, a failure,
-   or a retry; one :func:`~latentstore.encoding.write_back_many` per batch stores the blobs, and
-   the leases of the rows still waiting are renewed.
+   or a retry; where the field's quality gate is on, one batched decode of the batch's blobs
+   measures their round trip (:meth:`EncodeRun.measure`); one
+   :func:`~latentstore.encoding.write_back_many` per batch stores the blobs, and the leases of
+   the rows still waiting are renewed.
 
 **Pipelining.** The model should never wait for the database or for Pillow. While a batch is on
 the device, a background thread (its own database connection) writes the previous batch back
@@ -244,12 +246,17 @@ class EncodeRun:
         try:
             for done in iter_encode(ae, unit.pictures, sizes=sizes, max_batch=unit.max_batch):
                 ready: list[_Done] = []
+                gated: list[tuple[_Done, Future]] = []
                 for index, outcome in done:  # the per-item result loop
                     claim = claims[index]
                     waiting.pop(id(claim), None)
-                    item = self.finish_item(ae, claim, outcome, unit.pictures[index])
+                    item = self.finish_item(ae, claim, outcome)
                     if item is not None:
                         ready.append(item)
+                        if claim.quality.check:
+                            gated.append((item, unit.pictures[index]))
+                if gated:
+                    self.measure(ae, gated)
                 background.submit(self.store, ready, list(waiting.values()))
         finally:
             for future in unit.pictures:  # a failed run must not leave decodes queued
@@ -257,19 +264,12 @@ class EncodeRun:
 
     # --- per item -------------------------------------------------------------------------------
 
-    def finish_item(
-        self, ae: Any, claim: Claim, outcome: Outcome, picture: Future | None = None
-    ) -> _Done | None:
-        """One item's outcome: a blob to write back, or a failure/retry recorded now.
-
-        When the field's quality policy asks for it, the blob is decoded again and its
-        round-trip PSNR against the encoded picture goes along with it (``workers.quality``).
-        """
+    def finish_item(self, ae: Any, claim: Claim, outcome: Outcome) -> _Done | None:
+        """One item's outcome: a blob to write back, or a failure/retry recorded now."""
         error = outcome.error
         if error is None:
             blob = ae.pack(outcome.value, claim.width, claim.height, claim.latent_dtype)
-            psnr = self.measure(ae, claim, picture, blob) if claim.quality.check else None
-            return _Done(claim, blob, blob_digest(blob), psnr)
+            return _Done(claim, blob, blob_digest(blob))
         if isinstance(error, UnreadablePicture):
             self.fail(claim, f"The image could not be read: {error}")
         elif isinstance(error, NonFinite):
@@ -288,29 +288,42 @@ class EncodeRun:
             self.transient(claim, f"{type(error).__name__}: {error}")
         return None
 
-    def measure(self, ae: Any, claim: Claim, picture: Future | None, blob: bytes) -> float | None:
-        """The quality gate for one fresh blob; None (logged) when the measurement fails.
+    def measure(self, ae: Any, items: list[tuple[_Done, Future]]) -> None:
+        """The quality gate for a batch's fresh blobs: one batched decode, PSNR on each item.
 
-        A failed measurement does not fail the encode: the latents are fine, only their score
-        is unknown. With ``keep_original="low_fidelity"`` such a row keeps its original, since
-        nobody could show it is faithful.
+        An item whose measurement fails keeps ``psnr = None`` (logged) and is stored anyway:
+        the latents are fine, only their score is unknown. With ``keep_original="low_fidelity"``
+        such a row keeps its original, since nobody could show it is faithful.
         """
-        from workers.quality import gate
+        from workers.quality import gate_many
 
-        try:
-            image = picture.result() if isinstance(picture, Future) else picture
-            if image is None:
-                raise ValueError("the encoded picture is not available to compare with")
-            return gate(ae, image, blob, claim.quality).psnr
-        except Exception as exc:
+        def unmeasured(done: _Done, exc: BaseException) -> None:
             logger.warning(
                 "Quality gate for %s pk=%s could not measure the round trip: %s: %s",
-                claim.label,
-                claim.pk,
+                done.claim.label,
+                done.claim.pk,
                 type(exc).__name__,
                 exc,
             )
-            return None
+
+        measurable, pictures = [], []
+        for done, picture in items:
+            try:
+                pictures.append(picture.result())
+                measurable.append(done)
+            except Exception as exc:
+                unmeasured(done, exc)
+        try:
+            results = gate_many(
+                ae, pictures, [d.blob for d in measurable], [d.claim.quality for d in measurable]
+            )
+        except Exception as exc:  # the decoder itself failed: no measurement for any of them
+            results = [exc] * len(measurable)
+        for done, result in zip(measurable, results, strict=True):
+            if isinstance(result, BaseException):
+                unmeasured(done, result)
+            else:
+                done.psnr = result.psnr
 
     def record(self, claim: Claim, fate: str) -> None:
         with self.lock:

@@ -11,6 +11,7 @@ policy) by PSNR. :func:`measure_round_trip` is the same measurement for a bare
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +22,19 @@ from PIL import Image
 from latentstore.latents import unpack
 from latentstore.quality import QualityPolicy, psnr
 from workers.autoencoders import LoadedAutoencoder
-from workers.codec import NonFiniteImage, decode_latents, encode_images
+from workers.batching import NonFinite
+from workers.codec import decode_latents, decode_many, encode_images
 
-__all__ = ["GateResult", "RoundTrip", "gate", "measure_round_trip", "round_trip_psnr", "wrap"]
+__all__ = [
+    "GateResult",
+    "RoundTrip",
+    "gate",
+    "gate_many",
+    "measure_round_trip",
+    "round_trip_psnr",
+    "round_trip_psnrs",
+    "wrap",
+]
 
 logger = logging.getLogger("workers.quality")
 
@@ -36,36 +47,74 @@ class GateResult:
     low_fidelity: bool
 
 
-def round_trip_psnr(ae: LoadedAutoencoder, picture: Image.Image, blob: bytes) -> float:
-    """PSNR (dB) of ``picture`` against the decode of ``blob``, the latents stored for it.
+def round_trip_psnrs(
+    ae: LoadedAutoencoder, pictures: Sequence[Image.Image], blobs: Sequence[bytes]
+) -> list[float | Exception]:
+    """PSNR (dB) of each picture against the decode of its blob, decoded in batches.
 
-    A decoder that overflows to NaN/inf (float16) counts as 0 dB: the stored latents cannot be
-    shown faithfully by this model, which is exactly what the gate is there to flag.
+    A decoder that overflows to NaN/inf (float32 too) counts as 0 dB: the stored latents cannot
+    be shown faithfully by this model, which is exactly what the gate is there to flag. Any
+    other failure of an item is returned in its place.
     """
-    header, latents = unpack(blob)
-    try:
-        decoded = decode_latents(ae, latents, header.width, header.height)
-    except NonFiniteImage as exc:
-        logger.warning("Round-trip decode of a fresh encode was not finite: %s", exc)
-        return 0.0
-    return psnr(picture, decoded)
+    items = []
+    for blob in blobs:
+        header, latents = unpack(blob)
+        items.append((latents, header.width, header.height))
+    results: list[float | Exception] = []
+    for picture, outcome in zip(pictures, decode_many(ae, items), strict=True):
+        if isinstance(outcome.error, NonFinite):
+            logger.warning("Round-trip decode of a fresh encode was not finite: %s", outcome.error)
+            results.append(0.0)
+        elif outcome.error is not None:
+            results.append(outcome.error)
+        else:
+            results.append(psnr(picture, outcome.value))
+    return results
+
+
+def round_trip_psnr(ae: LoadedAutoencoder, picture: Image.Image, blob: bytes) -> float:
+    """PSNR (dB) of ``picture`` against the decode of ``blob``, the latents stored for it."""
+    (result,) = round_trip_psnrs(ae, [picture], [blob])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def gate_many(
+    ae: LoadedAutoencoder,
+    pictures: Sequence[Image.Image],
+    blobs: Sequence[bytes],
+    policies: Sequence[QualityPolicy],
+) -> list[GateResult | Exception]:
+    """Measure fresh blobs (each just encoded from its picture) and say which are low-fidelity."""
+    results: list[GateResult | Exception] = []
+    for picture, value, policy in zip(
+        pictures, round_trip_psnrs(ae, pictures, blobs), policies, strict=True
+    ):
+        if isinstance(value, Exception):
+            results.append(value)
+            continue
+        result = GateResult(psnr=value, low_fidelity=policy.is_low_fidelity(value))
+        if result.low_fidelity:
+            logger.info(
+                "Low-fidelity encode: %.2f dB round-trip PSNR, below %.2f dB (%dx%d, %s)",
+                value,
+                policy.min_psnr,
+                picture.width,
+                picture.height,
+                ae.alias,
+            )
+        results.append(result)
+    return results
 
 
 def gate(
     ae: LoadedAutoencoder, picture: Image.Image, blob: bytes, policy: QualityPolicy
 ) -> GateResult:
     """Measure ``blob`` (just encoded from ``picture``) and say whether it is low-fidelity."""
-    value = round_trip_psnr(ae, picture, blob)
-    result = GateResult(psnr=value, low_fidelity=policy.is_low_fidelity(value))
-    if result.low_fidelity:
-        logger.info(
-            "Low-fidelity encode: %.2f dB round-trip PSNR, below %.2f dB (%dx%d, %s)",
-            value,
-            policy.min_psnr,
-            picture.width,
-            picture.height,
-            ae.alias,
-        )
+    (result,) = gate_many(ae, [picture], [blob], [policy])
+    if isinstance(result, Exception):
+        raise result
     return result
 
 
