@@ -273,6 +273,22 @@ def test_retry_queues_failed_rows_again(broker):
     assert Photo.objects.get(pk=ready).image.state == "ready"
 
 
+def test_after_and_ids_resume_and_limit_a_run_in_pages(broker):
+    failed = make_rows(5, "failed")
+    broker("latents.encode")
+    out = run(
+        "latents_retry", "--model", "demo.Photo", "--after", str(failed[1]), "--batch-size", "2"
+    )
+    assert "queued 3 failed rows again" in out
+    states = dict(Photo.objects.values_list("pk", "image_state"))
+    assert [states[pk] for pk in failed] == ["failed", "failed", "pending", "pending", "pending"]
+    assert sorted(pk for _l, pk, _f, _t in encode_args(broker)) == failed[2:]
+
+    out = run("latents_retry", "--model", "demo.Photo", "--ids", f"{failed[0]},{failed[3]}")
+    assert "queued 1 failed rows again" in out  # failed[3] is pending already
+    assert Photo.objects.get(pk=failed[0]).image.state == "pending"
+
+
 def test_retry_with_a_real_worker_makes_failed_rows_ready(celery_worker, png_bytes):
     photo = Photo.objects.create(title="f", image=png_bytes)
     assert wait_for(photo).state == "ready"

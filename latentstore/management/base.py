@@ -142,21 +142,22 @@ class LatentCommand(BaseCommand):
 
     def restrict(
         self, rows: models.QuerySet, pairs: list[tuple[Any, Any]], options: dict[str, Any]
-    ) -> tuple[models.QuerySet, Any]:
-        """``rows`` limited to ``--ids``, and the ``--after`` primary key (or None)."""
+    ) -> models.QuerySet:
+        """``rows`` limited to ``--ids`` and to primary keys past ``--after``."""
         ids = [v.strip() for item in options["ids"] for v in str(item).split(",") if v.strip()]
         if not ids and not options["after"]:
-            return rows, None
+            return rows
         if len({model for model, _field in pairs}) > 1:
             raise CommandError("--ids and --after need one --model: primary keys belong to it.")
         pk = rows.model._meta.pk
         try:
             if ids:
                 rows = rows.filter(pk__in=[pk.to_python(v) for v in ids])
-            after = pk.to_python(options["after"]) if options["after"] else None
+            if options["after"]:
+                rows = rows.filter(pk__gt=pk.to_python(options["after"]))
         except Exception as exc:  # ValidationError of the primary key's type
             raise CommandError(f"--ids/--after: {exc}") from None
-        return rows, after
+        return rows
 
     def selected_fields(self, options: dict[str, Any]) -> list[tuple[type[models.Model], Any]]:
         """The (model, LatentImageField) pairs named by ``--model`` / ``--field``."""
@@ -217,19 +218,18 @@ def _labels() -> Iterator[str]:
             yield model._meta.label
 
 
-def chunks(queryset: models.QuerySet, size: int = 500, after: Any = None) -> Iterator[list[Any]]:
-    """The primary keys of ``queryset`` in order, a chunk at a time (keyset pagination).
+def chunks(queryset: models.QuerySet, size: int = 500) -> Iterator[list[models.Model]]:
+    """The rows of ``queryset`` in primary key order, a page at a time (keyset pagination).
 
-    Rows changed by the caller between chunks do not shift the pages, and ``after`` resumes
-    past a primary key printed by an interrupted run.
+    Rows changed by the caller between pages do not shift the pages.
     """
-    last = after
+    last = None
     while True:
         page = queryset.order_by("pk")
         if last is not None:
             page = page.filter(pk__gt=last)
-        pks = list(page.values_list("pk", flat=True)[:size])
-        if not pks:
+        rows = list(page[:size])
+        if not rows:
             return
-        yield pks
-        last = pks[-1]
+        yield rows
+        last = rows[-1].pk

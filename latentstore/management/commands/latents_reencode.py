@@ -113,27 +113,26 @@ class Command(LatentCommand):
             rows = maintenance.small_rows(model).exclude(
                 **{field.companion_attname("state"): EMPTY}
             )
-            rows, after = self.restrict(rows, pairs, options)
+            rows = self.restrict(rows, pairs, options)
             if options["failed"]:
                 rows = rows.filter(**{field.companion_attname("state"): FAILED})
             if options["origin_mismatch"]:
                 rows = rows.filter(**{field.companion_attname("state"): READY})
             if target is not None and not selectors:
                 rows = rows.exclude(**{field.companion_attname("autoencoder"): target})
-            plans.append((model, field, rows, after))
+            plans.append((model, field, rows))
 
         verb = "would queue" if dry_run else "queued"
         try:
-            for model, field, rows, after in plans:
+            for model, field, rows in plans:
                 label = f"{model._meta.label}.{field.name}"
-                total = (rows.filter(pk__gt=after) if after is not None else rows).count()
+                total = rows.count()
                 batch = maintenance.EncodeBatch(model._meta.label, field.name)
                 with self.progress(total, label) as progress, batch:
-                    for chunk in chunks(rows, options["batch_size"], after=after):
-                        keep = set(chunk)
+                    for instances in chunks(rows, options["batch_size"]):
+                        keep = {instance.pk for instance in instances}
                         if options["origin_mismatch"]:
-                            keep = self._mismatched(model, field, chunk, target, fingerprints)
-                        instances = maintenance.small_rows(model).filter(pk__in=chunk)
+                            keep = self._mismatched(model, field, list(keep), target, fingerprints)
                         for instance in instances:
                             if instance.pk in keep:
                                 outcome = maintenance.reencode_row(

@@ -28,12 +28,12 @@ class Command(LatentCommand):
             rows = maintenance.small_rows(model).filter(
                 **{field.companion_attname("state"): FAILED}
             )
-            rows, after = self.restrict(rows, pairs, options)
-            total = (rows.filter(pk__gt=after) if after is not None else rows).count()
+            rows = self.restrict(rows, pairs, options)
+            total = rows.count()
             batch = maintenance.EncodeBatch(model._meta.label, field.name)
             with self.progress(total, label) as progress, batch:
-                for chunk in chunks(rows, options["batch_size"], after=after):
-                    for instance in maintenance.small_rows(model).filter(pk__in=chunk):
+                for instances in chunks(rows, options["batch_size"]):
+                    for instance in instances:
                         outcome = maintenance.retry_row(
                             instance, field, dry_run=dry_run, batch=batch
                         )

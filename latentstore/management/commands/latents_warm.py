@@ -72,11 +72,11 @@ class Command(LatentCommand):
             except InvalidDecoderError as exc:
                 raise CommandError(str(exc)) from None
             rows = small_rows(model).filter(**{field.companion_attname("state"): READY})
-            rows, after = self.restrict(rows, pairs, options)
-            total = (rows.filter(pk__gt=after) if after is not None else rows).count()
+            rows = self.restrict(rows, pairs, options)
+            total = rows.count()
             with self.progress(total * len(sizes), label, unit="pictures") as progress:
-                for chunk in chunks(rows, options["batch_size"], after=after):
-                    for instance in small_rows(model).filter(pk__in=chunk):
+                for instances in chunks(rows, options["batch_size"]):
+                    for instance in instances:
                         image = getattr(instance, field.name)
                         for size in sizes:
                             outcome = self._warm(image, alias, size, fmt, options, errors)
