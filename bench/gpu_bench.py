@@ -8,7 +8,9 @@ path; compute does not depend on the weights' values). For each size it measures
 
 1. **seed** — a plain diffusers loop, one image at a time, float32, default memory layout;
 2. **ours** — ``workers.codec.encode_many`` / ``decode_many``: batched, ``--dtype``,
-   ``--channels-last`` and ``torch.compile`` (``--compile``) when asked;
+   ``--channels-last`` and ``torch.compile`` (``--compile``) when asked; beside it **forward**,
+   the same model's bare forward passes on inputs already on the device, so the table shows
+   what the pipeline around the model costs (ours / forward);
 3. **e2e** — rows staged through the ORM (``bulk_create``, not timed), then timed from
    ``enqueue_encode_batch`` through a real Celery worker process (Redis, PostgreSQL: claim,
    Pillow decode, encode, write-back) to the latents read back and unpacked, compared with
@@ -104,8 +106,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", help="ours/e2e precision (GPU float16; CPU float32)")
     p.add_argument("--batch", type=int, help="images per forward pass (GPU 16; CPU 2)")
     p.add_argument("--count", type=int, help="images per measurement (GPU 64; CPU 2)")
-    p.add_argument("--e2e-count", type=int, help="rows for end to end (GPU 256; CPU --count)")
-    p.add_argument("--compile", action="store_true", help="torch.compile ours and the worker")
+    p.add_argument("--e2e-count", type=int, help="rows for end to end (GPU 1024; CPU --count)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="true",
+        help="torch.compile ours and the worker; optionally the COMPILE setting as JSON, e.g. "
+        """'{"mode": "max-autotune-no-cudagraphs"}'""",
+    )
+    p.add_argument("--seed-runs", type=int, default=3, help="seed path runs; the fastest counts")
     p.add_argument(
         "--channels-last",
         action="store_true",
@@ -137,7 +146,7 @@ def fill_defaults(args: argparse.Namespace, device) -> None:
     args.count = max(args.batch, args.count // args.batch * args.batch)
     # End to end runs longer so its fixed costs (the first batch's pixels, the last write-back,
     # noticing the end) weigh as they would on a busy worker, not as in a 0.1 s sprint.
-    args.e2e_count = args.e2e_count or (256 if gpu else args.count)
+    args.e2e_count = args.e2e_count or (1024 if gpu else args.count)
     args.e2e_count = max(args.batch, args.e2e_count // args.batch * args.batch)
     args.large = args.large if args.large is not None else (2048 if gpu else 256)
     args.tile_size = args.tile_size or (512 if gpu else 128)
@@ -160,13 +169,25 @@ def latentstore_config(model_dir: Path, args: argparse.Namespace, device) -> dic
         "CPU_DTYPE": args.dtype if device.type == "cpu" else "float32",
         "DEVICE": str(device),
         "CHANNELS_LAST": bool(args.channels_last),
-        "COMPILE": bool(args.compile),
+        "COMPILE": compile_setting(args.compile),
     }
     return {
         "AUTOENCODERS": {"default": entry},
         "ENCODE_BATCH_SIZE": args.batch,
         "DECODE_BATCH_SIZE": args.batch,
     }
+
+
+def compile_setting(value: str | None) -> bool | dict[str, Any]:
+    """``--compile``'s value as the COMPILE setting: off, on, or torch.compile options."""
+    if value is None:
+        return False
+    if value.strip().lower() in ("true", "1", "yes", ""):
+        return True
+    options = json.loads(value)
+    if not isinstance(options, dict):
+        raise SystemExit(f"--compile takes a JSON object of torch.compile options, not {value!r}")
+    return options
 
 
 def pictures(size: int, count: int, seed: int):
@@ -429,8 +450,10 @@ def table(rows: list[Row], peak: dict[str, tuple[float, str]], header: list[str]
     by_key = {(r.op, r.size, r.path): r for r in rows}
     for r in rows:
         ratio = ""
-        if r.path == "ours" and (r.op, r.size, "seed") in by_key:
+        if r.path in ("ours", "forward") and (r.op, r.size, "seed") in by_key:
             ratio = f"{r.ips / by_key[(r.op, r.size, 'seed')].ips:.2f}× seed"
+            if r.path == "ours" and (r.op, r.size, "forward") in by_key:
+                ratio += f", {r.ips / by_key[(r.op, r.size, 'forward')].ips:.2f}× forward"
         elif r.path == "e2e" and (r.op, r.size, "ours") in by_key:
             ratio = f"{r.ips / by_key[(r.op, r.size, 'ours')].ips:.2f}× ours"
         achieved = fraction = "—"
@@ -576,8 +599,9 @@ def bench_size(size: int, args, device, ours, seed_model, log) -> list[Row]:
     rows = []
 
     seed_encode(seed_model, warm[:1], device)  # warm-up
-    seconds, mem = measure(device, lambda: seed_encode(seed_model, images, device))
+    seconds, mem = fastest(args, device, lambda: seed_encode(seed_model, images, device))
     rows.append(Row("encode", size, "seed", 1, "float32", args.count, seconds, mem, enc_flops))
+    rows[-1].note = seed_note(args)
     log(f"  seed encode {size}²: {args.count / seconds:.2f} images/s")
 
     encode_many(ours, warm[: args.batch])  # warm-up
@@ -588,12 +612,15 @@ def bench_size(size: int, args, device, ours, seed_model, log) -> list[Row]:
     rows[-1].note = _note(result["o"])
     log(f"  ours encode {size}²: {args.count / seconds:.2f} images/s {rows[-1].note}")
     latents = [o.value for o in result["o"] if o.ok]
+    rows.insert(-1, bare_forward("encode", size, args, device, ours, enc_flops))
+    log(f"  bare forward encode {size}²: {rows[-2].ips:.2f} images/s")
 
     warm_latents = [o.value for o in encode_many(ours, warm[: args.batch])]
     warm_size = warm[0].width
     seed_decode(seed_model, warm_latents[:1], device, warm_size)  # warm-up
-    seconds, mem = measure(device, lambda: seed_decode(seed_model, latents, device, size))
+    seconds, mem = fastest(args, device, lambda: seed_decode(seed_model, latents, device, size))
     rows.append(Row("decode", size, "seed", 1, "float32", len(latents), seconds, mem, dec_flops))
+    rows[-1].note = seed_note(args)
     log(f"  seed decode {size}²: {len(latents) / seconds:.2f} images/s")
 
     items = [(z, size, size) for z in latents]
@@ -603,7 +630,48 @@ def bench_size(size: int, args, device, ours, seed_model, log) -> list[Row]:
     rows[-1].flops = dec_flops
     rows[-1].note = _note(result["d"])
     log(f"  ours decode {size}²: {len(items) / seconds:.2f} images/s {rows[-1].note}")
+    rows.insert(-1, bare_forward("decode", size, args, device, ours, dec_flops))
+    log(f"  bare forward decode {size}²: {rows[-2].ips:.2f} images/s")
     return rows
+
+
+def bare_forward(op: str, size: int, args, device, ae, flops: float) -> Row:
+    """The model alone: ``--count`` images in full batches already on the device, in ours'
+    dtype and layout, nothing copied back. What "ours" loses to it is the pipeline's cost."""
+    import torch
+
+    layout = torch.channels_last if ae.channels_last else torch.contiguous_format
+    shape = (args.batch, 3, size, size) if op == "encode" else (args.batch, 4, size // 8, size // 8)
+    x = torch.randn(shape, device=device).to(ae.dtype).contiguous(memory_format=layout)
+    passes = args.count // args.batch
+
+    def forward():
+        if op == "encode":
+            return ae.model.encode(x).latent_dist.mean
+        return ae.model.decode(x).sample
+
+    def run() -> None:
+        with torch.inference_mode():
+            for _ in range(passes):
+                forward()
+
+    run()  # warm-up (a compiled model has seen this shape already)
+    seconds, mem = measure(device, run)
+    row = Row(op, size, "forward", args.batch, args.dtype, passes * args.batch, seconds, mem)
+    row.flops = flops
+    row.note = "bare model, inputs on the device"
+    return row
+
+
+def fastest(args, device, fn) -> tuple[float, int]:
+    """The seed path's best of ``--seed-runs`` (its speed varies on a shared device): the
+    ratios are then against the seed at its fastest, never flattered by a slow run."""
+    runs = [measure(device, fn) for _ in range(max(1, args.seed_runs))]
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def seed_note(args) -> str:
+    return f"fastest of {args.seed_runs} runs" if args.seed_runs > 1 else ""
 
 
 def _note(outcomes) -> str:

@@ -256,8 +256,9 @@ def test_a_long_batch_renews_its_leases_between_passes(settings):
     settings.LATENTSTORE = {**settings.LATENTSTORE, "ENCODE_BATCH_SIZE": 2}
     ae = load_autoencoder("default")
     with broker_unreachable():
-        photos = [Photo.objects.create(title=f"l{i}", image=png(seed=i)) for i in range(4)]
+        photos = [Photo.objects.create(title=f"l{i}", image=png(seed=i)) for i in range(6)]
     leases = []
+    passes = []
 
     def encoding_leases():
         return sorted(
@@ -265,26 +266,29 @@ def test_a_long_batch_renews_its_leases_between_passes(settings):
         )
 
     def observe(x):
-        if not leases:  # the first pass: all four rows claimed at one time
+        passes.append(x.shape[0])
+        if len(passes) == 1:  # the first pass: all six rows claimed at one time
             leases.append(encoding_leases())
-            return
-        # The second pass: the background thread writes the first batch back, then renews the
-        # two rows still waiting (it may still be at it while this pass starts).
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            current = encoding_leases()
-            if len(current) == 2 and min(current) > leases[0][0]:
-                break
-            time.sleep(0.01)
-        leases.append(current)
+        elif len(passes) == 3:
+            # The second pass was launched before the first was handed back; by the third,
+            # the background thread has written the first batch back and renewed the four rows
+            # still waiting (it may still be at it while this pass starts).
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                current = encoding_leases()
+                if len(current) == 4 and min(current) > leases[0][0]:
+                    break
+                time.sleep(0.01)
+            leases.append(current)
 
     items = [(p.pk, str(p.image_token)) for p in photos]
     with watch(ae.model.encoder, fault=observe):
         report = worker_tasks.encode_batch.apply(args=[LABEL, "image", items]).get()
-    assert report["ready"] == 4
-    first, second = leases
-    assert len(first) == 4 and len(set(first)) == 1  # one claim
-    assert len(second) == 2 and min(second) > first[0]  # renewed after the first pass
+    assert report["ready"] == 6
+    assert passes == [2, 2, 2]
+    first, later = leases
+    assert len(first) == 6 and len(set(first)) == 1  # one claim
+    assert len(later) == 4 and min(later) > first[0]  # renewed after the first pass
 
 
 @pytest.mark.heavy

@@ -28,6 +28,7 @@ from workers.codec import (
     encode_images,
     encode_many,
     iter_encode,
+    iter_encode_stream,
 )
 from workers.memory import activation_bytes, is_out_of_memory
 
@@ -151,6 +152,98 @@ def test_iter_encode_hands_back_each_batch_as_it_is_done():
     ae = load_autoencoder("default")
     done = list(iter_encode(ae, pictures([(32, 32)] * 5), max_batch=2))
     assert [[i for i, _o in batch] for batch in done] == [[0, 1], [2, 3], [4]]
+
+
+def test_the_next_batch_is_launched_before_the_previous_is_handed_back():
+    """The device never waits for the consumer: pass N+1 is queued before N's results go out."""
+    ae = load_autoencoder("default")
+    events: list[str] = []
+    with watch(ae.model.encoder, fault=lambda x: events.append(f"launch {x.shape[0]}")):
+        for done in iter_encode(ae, pictures([(32, 32)] * 5), max_batch=2):
+            events.append(f"results {[i for i, _o in done]}")
+    assert events == [
+        "launch 2",
+        "launch 2",
+        "results [0, 1]",
+        "launch 1",
+        "results [2, 3]",
+        "results [4]",
+    ]
+
+
+def test_a_stream_pulls_its_next_chunk_while_the_device_is_busy():
+    """Chunks arriving over time (claimed rows) share one stream: the next one is pulled after
+    the current pass is launched, and its first pass is launched before the previous results
+    are handed back."""
+    ae = load_autoencoder("default")
+    events: list[str] = []
+    images = pictures([(32, 32)] * 4)
+
+    def chunks():
+        for start in (0, 2):
+            events.append(f"chunk {start}")
+            yield images[start : start + 2], [(32, 32)] * 2, 2
+
+    with watch(ae.model.encoder, fault=lambda x: events.append("launch")):
+        outcomes = {}
+        for done in iter_encode_stream(ae, chunks()):
+            events.append(f"results {[i for i, _o in done]}")
+            outcomes.update(done)
+    assert events == ["chunk 0", "launch", "chunk 2", "launch", "results [0, 1]", "results [2, 3]"]
+    expected = one_by_one(ae, images)
+    for index, value in enumerate(expected):
+        np.testing.assert_allclose(outcomes[index].value, value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stream_lets_go_of_finished_pictures():
+    """A worker drains a backlog for a minute: pictures it has encoded must not pile up."""
+    import gc
+    import weakref
+
+    ae = load_autoencoder("default")
+    alive: list[weakref.ref] = []
+
+    def chunks():
+        for seed in range(3):
+            images = pictures([(32, 32)] * 2, seed=10 * seed)
+            alive.extend(weakref.ref(img) for img in images)
+            yield images, None, 2
+
+    seen = []
+    for _done in iter_encode_stream(ae, chunks()):
+        gc.collect()
+        seen.append(sum(ref() is not None for ref in alive))
+    # At most the batch in flight and the one being stacked are held, never all of them.
+    assert max(seen) <= 4 and seen[-1] <= 2
+
+
+def test_a_compiled_model_runs_short_batches_padded_to_its_batch_size(settings, tiny_vae_dir):
+    """One graph per shape: a short batch is padded (copies of its last input), not recompiled,
+    and the padding changes no result."""
+    images = pictures([(32, 32)] * 3)
+    expected = encode_images(load_autoencoder("default"), images)
+    clear_cache()
+    configure(settings, tiny_vae_dir, COMPILE={"backend": "aot_eager"})
+    ae = load_autoencoder("default")
+    seen = []
+    original = ae.model.encode
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return original(x, *args, **kwargs)
+
+    ae.model.encode = spy
+    outcomes = encode_many(ae, images, max_batch=2)
+    assert seen == [2, 2]  # 2, then 1 padded to 2
+    for outcome, value in zip(outcomes, expected, strict=True):
+        assert outcome.ok and outcome.value.shape == value.shape
+        np.testing.assert_allclose(outcome.value, value, rtol=1e-4, atol=1e-5)
+    clear_cache()
+    configure(settings, tiny_vae_dir)
+    eager = load_autoencoder("default")
+    with watch(eager.model.encoder) as shapes:
+        encode_many(eager, images, max_batch=2)
+    assert [s[0] for s in shapes] == [2, 1]  # an eager model pays nothing for odd sizes
 
 
 def test_pictures_may_be_futures_and_a_broken_one_fails_alone():
@@ -506,6 +599,25 @@ def test_gpu_half_precision_matches_cpu_float32(settings, tiny_vae_dir):
         ae, [(z, img.width, img.height) for z, img in zip(reference, images, strict=True)]
     )
     assert all(o.ok for o in pictures_back)
+
+
+@pytest.mark.gpu
+def test_gpu_pipelined_batches_equal_one_at_a_time(settings, tiny_vae_dir):
+    """On a GPU the stream launches pass N+1 before reading N back (through pinned memory and
+    an event): every batch must still read back its own rows, complete."""
+    configure(settings, tiny_vae_dir, DEVICE="cuda", DTYPE="float16")
+    ae = load_autoencoder("default")
+    images = pictures([(48, 32)] * 9)
+    batched = encode_many(ae, images, max_batch=2)
+    single = [encode_many(ae, [img], max_batch=1)[0] for img in images]
+    for a, b in zip(batched, single, strict=True):
+        np.testing.assert_allclose(a.value, b.value, atol=0.01)
+    items = [(o.value, 48, 32) for o in single]
+    back = decode_many(ae, items, max_batch=2)
+    alone = [decode_many(ae, [item], max_batch=1)[0] for item in items]
+    for a, b in zip(back, alone, strict=True):
+        diff = np.abs(np.asarray(a.value, np.int16) - np.asarray(b.value, np.int16))
+        assert diff.max() <= 2
 
 
 @pytest.mark.gpu

@@ -1,9 +1,9 @@
 """Run many items through one model in as few forward passes as memory allows, losing none.
 
-:func:`run` groups items by input shape, cuts each group into batches bounded by the batch size
-and the autoencoder's memory budget, and runs them, handing back each batch's outcomes as soon
-as it is done (so a caller can write results while the next batch computes). What can go wrong
-in a forward pass is handled per item:
+:func:`plan` groups items by input shape and cuts each group into batches bounded by the batch
+size and the autoencoder's memory budget; :func:`stream` runs batches, handing back each batch's
+outcomes as soon as it is done; :func:`run` is the two together. What can go wrong in a forward
+pass is handled per item:
 
 - **Out of memory**: the batch is split in halves and each half retried, down to one item; a
   single item that still does not fit is retried tiled; only then is that item reported. The
@@ -13,6 +13,14 @@ in a forward pass is handled per item:
 - **Any other exception** (a poison item): the batch is bisected the same way, so the other
   items still get their results and the culprit gets the exception as its outcome.
 
+**The device never waits for Python.** Kernel launches are asynchronous, so :func:`stream` keeps
+one batch queued behind the one computing: it launches batch N+1, then waits for batch N (whose
+outputs were copied to pinned host memory behind an event, so that wait ends when N is done,
+not N+1), hands N back — the caller packs and stores it while N+1 computes — and stacks N+2's
+inputs. A compiled model runs every batch at its planned size (a short batch is padded with
+copies of its last input, the extra outputs dropped), so it keeps one graph per shape instead
+of recompiling for each odd size.
+
 What a "job" knows — how to stack inputs, call the model and unpack outputs — lives in
 ``workers.codec``; this module knows only about batches.
 """
@@ -21,16 +29,16 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from workers.autoencoders import LoadedAutoencoder
 from workers.memory import activation_bytes, is_out_of_memory, release
 
-__all__ = ["Job", "NonFinite", "Outcome", "OutOfMemory", "run"]
+__all__ = ["Batch", "Job", "NonFinite", "Outcome", "OutOfMemory", "plan", "run", "stream"]
 
 logger = logging.getLogger("workers.batching")
 
@@ -57,6 +65,14 @@ class NonFinite(ValueError):
     """An item's output was NaN or infinite, in float32 too."""
 
 
+class Batch(NamedTuple):
+    """Items of one input shape that share a forward pass."""
+
+    shape: tuple[int, int]  # model-side (height, width)
+    indices: list[int]
+    size: int  # the planned batch size for this shape: a compiled model always runs at it
+
+
 class Job(Protocol):
     """One kind of forward pass (encode or decode) over a list of items."""
 
@@ -78,8 +94,11 @@ class Job(Protocol):
     def forward(self, ae: LoadedAutoencoder, x: torch.Tensor) -> torch.Tensor:
         """The model's output for a batch (on the device)."""
 
-    def collect(self, output: torch.Tensor, indices: Sequence[int]) -> list[Any]:
-        """Per-item values of the (finite) output rows, one for each of ``indices``."""
+    def download(self, output: torch.Tensor) -> Any:
+        """Start copying a batch's output to the host without waiting for it (pinned memory)."""
+
+    def unpack(self, host: Any, rows: Sequence[int], indices: Sequence[int]) -> list[Any]:
+        """Per-item values of ``rows`` of the downloaded output, one for each of ``indices``."""
 
 
 def run(
@@ -90,36 +109,61 @@ def run(
     Every index appears in exactly one yielded list. ``max_batch`` bounds the items per forward
     pass; the memory budget may bound it further for large pictures.
     """
+    yield from stream(ae, job, plan(ae, job, range(count), max_batch=max_batch))
+
+
+def plan(ae: LoadedAutoencoder, job: Job, indices: Iterable[int], *, max_batch: int) -> list[Batch]:
+    """Batches for ``indices``: grouped by shape, cut by ``max_batch`` and the memory budget."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive, not {max_batch}")
     groups: dict[tuple[int, int], list[int]] = {}
-    for index in range(count):
+    for index in indices:
         groups.setdefault(job.shape(index), []).append(index)
-    work: deque[tuple[tuple[int, int], list[int]]] = deque()
-    for shape, indices in groups.items():
+    batches = []
+    for shape, members in groups.items():
         step = _batch_size(ae, job.operation, shape, max_batch)
-        work.extend((shape, indices[i : i + step]) for i in range(0, len(indices), step))
-    # The next batch's inputs are stacked (Pillow/numpy work, the copy to the device) while the
-    # current batch runs on the device, between launching its forward pass and waiting for it.
-    prefetched: dict[int, tuple[Any, BaseException | None]] = {}
+        batches += [Batch(shape, members[i : i + step], step) for i in range(0, len(members), step)]
+    return batches
 
-    def prefetch() -> None:
-        if not work:
-            return
-        _next_shape, upcoming = work[0]
-        if id(upcoming) in prefetched:
-            return
+
+def stream(
+    ae: LoadedAutoencoder, job: Job, batches: Iterable[Batch]
+) -> Iterator[list[tuple[int, Outcome]]]:
+    """Run ``batches`` (pulled one ahead of the device) and yield each one's outcomes in order.
+
+    ``batches`` may be a generator that produces work as it goes (the encode worker claims the
+    next rows while the device computes); it is pulled while the current batch runs.
+    """
+    source = iter(batches)
+    moved: deque[Batch] = deque()  # items whose real shape differed: a batch of their own
+
+    def pull() -> Batch | None:
+        return moved.popleft() if moved else next(source, None)
+
+    def stack(batch: Batch) -> tuple[Any, BaseException | None]:
+        # Outside inference mode, so inputs are ordinary tensors in every pass (a compiled
+        # model would otherwise compile a second graph for inference-mode inputs).
         try:
-            prefetched[id(upcoming)] = (job.stack(upcoming, ae), None)
-        except Exception as exc:  # reported when that batch's turn comes, as without prefetch
-            prefetched[id(upcoming)] = (None, exc)
+            return job.stack(batch.indices, ae), None
+        except Exception as exc:  # reported when the batch runs
+            return None, exc
 
-    while work:
-        shape, indices = work.popleft()
-        results: dict[int, Outcome] = {}
-        stacked = prefetched.pop(id(indices), None)
-        _run_batch(ae, job, shape, indices, results, work, stacked=stacked, prefetch=prefetch)
-        yield sorted(results.items())
+    in_flight: _Pass | None = None
+    batch = pull()
+    stacked = stack(batch) if batch is not None else None
+    while batch is not None:
+        current = _launch(ae, job, batch, stacked, moved)
+        if in_flight is not None:
+            yield in_flight.finish()  # waits for the previous batch only
+            in_flight = None
+        if isinstance(current, _Pass):
+            in_flight = current
+        else:  # nothing went to the device: settle it now, in its turn
+            yield current()
+        batch = pull()
+        stacked = stack(batch) if batch is not None else None
+    if in_flight is not None:
+        yield in_flight.finish()
 
 
 def _batch_size(ae: LoadedAutoencoder, operation: str, shape: tuple[int, int], most: int) -> int:
@@ -133,6 +177,132 @@ def _batch_size(ae: LoadedAutoencoder, operation: str, shape: tuple[int, int], m
     return max(1, min(most, by_memory, learned))
 
 
+@dataclass
+class _Pass:
+    """A forward pass launched on the device, its output on its way to the host."""
+
+    ae: LoadedAutoencoder
+    job: Job
+    shape: tuple[int, int]
+    indices: list[int]
+    x: torch.Tensor  # kept for a bisection if the device reports an error late
+    tiled: bool
+    host: Any
+    flags: torch.Tensor  # per row: all outputs finite (on the host once ``event`` is done)
+    event: Any  # torch.cuda.Event after the copies, or None where copies are synchronous
+    results: dict[int, Outcome] = field(default_factory=dict)
+
+    def finish(self) -> list[tuple[int, Outcome]]:
+        try:
+            if self.event is not None:
+                self.event.synchronize()
+            finite = self.flags.tolist()
+        except Exception as exc:  # an asynchronous device error, raised at the wait
+            _recover(
+                self.ae, self.job, self.shape, self.indices, self.x, self.tiled, self.results, exc
+            )
+            return sorted(self.results.items())
+        _settle(self, finite)
+        return sorted(self.results.items())
+
+
+def _start(
+    ae: LoadedAutoencoder,
+    job: Job,
+    shape: tuple[int, int],
+    indices: list[int],
+    x: torch.Tensor,
+    tiled: bool,
+    results: dict[int, Outcome],
+    pad_to: int = 0,
+) -> _Pass:
+    """Launch one forward pass and the copies of its output; raise what the launch raises."""
+    live = x.shape[0]
+    with ae.tiling(tiled), torch.inference_mode():
+        x_in = _padded(x, pad_to) if pad_to > live else x
+        output = job.forward(ae, x_in)
+        if output.shape[0] != live:
+            output = output[:live]
+        flags = torch.isfinite(output).flatten(1).all(dim=1)
+        host = job.download(output)
+        flags = flags.to("cpu", non_blocking=flags.is_cuda)
+        event = None
+        if output.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+    return _Pass(ae, job, shape, indices, x, tiled, host, flags, event, results)
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with copies of its last row appended up to ``rows``, in ``x``'s memory layout."""
+    channels_last = (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = out.contiguous(memory_format=layout)
+    out[: x.shape[0]] = x
+    out[x.shape[0] :] = x[-1:]
+    return out
+
+
+def _launch(
+    ae: LoadedAutoencoder,
+    job: Job,
+    batch: Batch,
+    stacked: tuple[Any, BaseException | None] | None,
+    moved: deque[Batch],
+) -> _Pass | Callable[[], list[tuple[int, Outcome]]]:
+    """Launch ``batch``; or, when it cannot go to the device as a whole, how to settle it."""
+    shape, indices, size = batch
+    results: dict[int, Outcome] = {}
+
+    def settled() -> list[tuple[int, Outcome]]:
+        return sorted(results.items())
+
+    stack_error = stacked[1] if stacked is not None else None
+    if stacked is None or stack_error is not None:
+
+        def bisect_stack() -> list[tuple[int, Outcome]]:
+            if len(indices) == 1:
+                results[indices[0]] = Outcome(error=stack_error)
+            else:
+                extra: deque = deque()
+                half = len(indices) // 2
+                _run_batch(ae, job, shape, indices[:half], results, extra)
+                _run_batch(ae, job, shape, indices[half:], results, extra)
+                moved.extend(Batch(s, i, 1) for s, i in extra)
+            return settled()
+
+        return bisect_stack
+
+    x, failed, wrong = stacked[0]
+    for index, exc in failed.items():
+        results[index] = Outcome(error=exc)
+    for index, real in wrong.items():
+        moved.append(Batch(real, [index], 1))
+    live = [i for i in indices if i not in failed and i not in wrong]
+    if not live or x is None:
+        return settled
+    tiled = ae.should_tile(shape[1], shape[0])
+    try:
+        return _start(ae, job, shape, live, x, tiled, results, size if ae.compiled else 0)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            # The traceback's frames hold the failed pass's activations: drop them before the
+            # retry needs the memory.
+            exc.__traceback__ = None
+        error = exc
+
+    def recover() -> list[tuple[int, Outcome]]:
+        _recover(ae, job, shape, live, x, tiled, results, error)
+        return settled()
+
+    return recover
+
+
 def _run_batch(
     ae: LoadedAutoencoder,
     job: Job,
@@ -140,17 +310,10 @@ def _run_batch(
     indices: list[int],
     results: dict[int, Outcome],
     work: deque,
-    *,
-    stacked: tuple[Any, BaseException | None] | None = None,
-    prefetch: Any = None,
 ) -> None:
+    """Stack and run one batch synchronously (bisections and float32 re-runs)."""
     try:
-        if stacked is None:
-            x, failed, moved = job.stack(indices, ae)
-        elif stacked[1] is not None:
-            raise stacked[1]
-        else:
-            x, failed, moved = stacked[0]
+        x, failed, moved = job.stack(indices, ae)
     except Exception as exc:
         if len(indices) == 1:
             results[indices[0]] = Outcome(error=exc)
@@ -165,10 +328,7 @@ def _run_batch(
         work.append((real, [index]))
     live = [i for i in indices if i not in failed and i not in moved]
     if live and x is not None:
-        tiled = ae.should_tile(shape[1], shape[0])
-        _forward(ae, job, shape, live, x, tiled, results, prefetch=prefetch)
-    elif prefetch is not None:
-        prefetch()
+        _forward(ae, job, shape, live, x, ae.should_tile(shape[1], shape[0]), results)
 
 
 def _forward(
@@ -179,41 +339,37 @@ def _forward(
     x: torch.Tensor,
     tiled: bool,
     results: dict[int, Outcome],
-    *,
-    prefetch: Any = None,
 ) -> None:
+    """One forward pass, waited for (the recovery paths run one pass at a time)."""
     error: BaseException | None = None
     try:
-        with ae.tiling(tiled), torch.inference_mode():
-            output = job.forward(ae, x)
-            flags = torch.isfinite(output).flatten(1).all(dim=1)
-        # The device is busy with this batch: stack the next one now. Outside inference mode,
-        # so its inputs are ordinary tensors like the first batch's (a compiled model would
-        # otherwise compile a second graph for inference-mode inputs).
-        if prefetch is not None:
-            prefetch()
-        finite = flags.tolist()
+        launched = _start(ae, job, shape, indices, x, tiled, results)
+        if launched.event is not None:
+            launched.event.synchronize()
+        finite = launched.flags.tolist()
     except Exception as exc:
         error = exc
         if is_out_of_memory(exc):
-            # The traceback's frames hold the failed pass's activations: drop them before the
-            # retry needs the memory.
             error.__traceback__ = None
     if error is not None:
         # Outside the except block, so the interpreter no longer holds the failed pass either.
         _recover(ae, job, shape, indices, x, tiled, results, error)
         return
+    _settle(launched, finite)
+
+
+def _settle(launched: _Pass, finite: list[bool]) -> None:
+    """Unpack the finite rows of a finished pass; re-run the others in float32."""
+    ae, job, indices, results = launched.ae, launched.job, launched.indices, launched.results
     good = [(row, i) for row, (i, ok) in enumerate(zip(indices, finite, strict=True)) if ok]
     if good:
-        rows = [row for row, _ in good]
-        kept = output if len(rows) == len(indices) else output[rows]
-        values = job.collect(kept, [i for _, i in good])
+        values = job.unpack(launched.host, [row for row, _ in good], [i for _, i in good])
         for (_, index), value in zip(good, values, strict=True):
-            results[index] = Outcome(value=value, tiled=tiled)
+            results[index] = Outcome(value=value, tiled=launched.tiled)
     bad = [i for i, ok in zip(indices, finite, strict=True) if not ok]
-    del output
+    launched.host = None
     if bad:
-        _rerun_in_float32(ae, job, shape, bad, tiled, results)
+        _rerun_in_float32(ae, job, launched.shape, bad, launched.tiled, results)
 
 
 def _recover(

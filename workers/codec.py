@@ -13,7 +13,7 @@ them on out-of-memory, bisects poison items and re-runs overflowed items in floa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "encode_many",
     "iter_decode",
     "iter_encode",
+    "iter_encode_stream",
 ]
 
 #: An image to encode: a PIL image, or a future of one (decoded by a thread pool meanwhile).
@@ -84,10 +85,24 @@ class _EncodeJob:
         sizes: Sequence[tuple[int, int]] | None,
         downsample: int,
     ) -> None:
-        self.sources = list(pictures)
-        self.sizes: list[tuple[int, int] | None] = list(sizes) if sizes else [None] * len(pictures)
+        self.sources: list[Picture | None] = []
+        self.sizes: list[tuple[int, int] | None] = []
         self.downsample = downsample
         self.loaded: dict[int, Image.Image] = {}
+        self.add(pictures, sizes)
+
+    def add(self, pictures: Sequence[Picture], sizes: Sequence[tuple[int, int]] | None) -> range:
+        """Append pictures (a stream grows as rows are claimed); return their indices."""
+        start = len(self.sources)
+        self.sources += pictures
+        self.sizes += list(sizes) if sizes else [None] * len(pictures)
+        return range(start, len(self.sources))
+
+    def forget(self, indices: Iterable[int]) -> None:
+        """Drop finished pictures: a worker's stream would otherwise hold every one it saw."""
+        for index in indices:
+            self.sources[index] = None
+            self.loaded.pop(index, None)
 
     def picture(self, index: int) -> Image.Image:
         if index not in self.loaded:
@@ -113,8 +128,8 @@ class _EncodeJob:
     ) -> tuple[torch.Tensor | None, dict[int, BaseException], dict[int, tuple[int, int]]]:
         failed: dict[int, BaseException] = {}
         moved: dict[int, tuple[int, int]] = {}
-        arrays = []
-        size = None
+        kept: list[Image.Image] = []
+        size = (0, 0)
         for index in indices:
             try:
                 picture = self.picture(index)
@@ -134,12 +149,16 @@ class _EncodeJob:
                 moved[index] = real
                 continue
             size = picture.size
-            arrays.append(np.asarray(picture, dtype=np.uint8))
-        if not arrays:
+            kept.append(picture)
+        if not kept:
             return None, failed, moved
-        x = torch.from_numpy(np.stack(arrays))  # (B, H, W, 3) uint8, a fresh writable copy
-        if ae.device.type == "cuda":
-            x = x.pin_memory()
+        # Each picture's pixels are copied once, straight into the (pinned) staging batch.
+        width, height = size
+        cuda = ae.device.type == "cuda"
+        x = torch.empty((len(kept), height, width, 3), dtype=torch.uint8, pin_memory=cuda)
+        staged = x.numpy()
+        for row, picture in enumerate(kept):
+            staged[row] = np.asarray(picture, dtype=np.uint8)
         # uint8 over the bus, scaled on the device; NHWC permuted is already channels-last.
         x = x.to(ae.device, non_blocking=True).permute(0, 3, 1, 2)
         x = x.to(torch.float32).div_(127.5).sub_(1.0)  # same arithmetic as images.to_tensor
@@ -151,9 +170,15 @@ class _EncodeJob:
     def forward(self, ae: LoadedAutoencoder, x: torch.Tensor) -> torch.Tensor:
         return ae.model.encode(x).latent_dist.mean
 
-    def collect(self, output: torch.Tensor, indices: Sequence[int]) -> list[np.ndarray]:
-        batch = output.to("cpu", torch.float32).contiguous().numpy()
-        return [batch[row].copy() for row in range(len(indices))]  # own memory, not a view
+    def download(self, output: torch.Tensor) -> torch.Tensor:
+        # From a GPU, a non-blocking copy lands in pinned memory; the caller waits on an event.
+        return output.to(torch.float32).contiguous().to("cpu", non_blocking=output.is_cuda)
+
+    def unpack(
+        self, host: torch.Tensor, rows: Sequence[int], indices: Sequence[int]
+    ) -> list[np.ndarray]:
+        batch = host.numpy()
+        return [batch[row].copy() for row in rows]  # own memory, not a view of the pinned page
 
 
 class _DecodeJob:
@@ -179,12 +204,18 @@ class _DecodeJob:
     def forward(self, ae: LoadedAutoencoder, z: torch.Tensor) -> torch.Tensor:
         return ae.model.decode(z).sample
 
-    def collect(self, output: torch.Tensor, indices: Sequence[int]) -> list[Image.Image]:
+    def download(self, output: torch.Tensor) -> torch.Tensor:
         # The same arithmetic as images.to_pil, on the device; one transfer of uint8 pixels.
         pixels = output.to(torch.float32).clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
-        batch = pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        pixels = pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return pixels.to("cpu", non_blocking=pixels.is_cuda)
+
+    def unpack(
+        self, host: torch.Tensor, rows: Sequence[int], indices: Sequence[int]
+    ) -> list[Image.Image]:
+        batch = host.numpy()
         pictures = []
-        for row, index in enumerate(indices):
+        for row, index in zip(rows, indices, strict=True):
             _latents, width, height = self.items[index]
             # Crop the padding added at encode time (not resize it away).
             pictures.append(Image.fromarray(np.ascontiguousarray(batch[row, :height, :width])))
@@ -213,9 +244,29 @@ def iter_encode(
     planned before the pixels exist; a picture whose real size differs runs in a batch of its
     own. An outcome's value is float32 latents ``(C, ceil(H/d), ceil(W/d))``.
     """
-    job = _EncodeJob(pictures, sizes, ae.downsample)
-    limit = _max_batch(max_batch, "ENCODE_BATCH_SIZE")
-    yield from batching.run(ae, job, len(job.sources), max_batch=limit)
+    yield from iter_encode_stream(ae, [(pictures, sizes, max_batch)])
+
+
+def iter_encode_stream(
+    ae: LoadedAutoencoder,
+    chunks: Iterable[tuple[Sequence[Picture], Sequence[tuple[int, int]] | None, int | None]],
+) -> Iterator[list[tuple[int, Outcome]]]:
+    """:func:`iter_encode` over chunks ``(pictures, sizes, max_batch)`` that arrive over time.
+
+    Indices count across chunks in arrival order. A chunk is pulled only when the device is
+    busy with the batch before it, so ``chunks`` may be a generator that waits for the next
+    claimed rows: one stream keeps the device fed across them.
+    """
+    job = _EncodeJob([], None, ae.downsample)
+
+    def batches() -> Iterator[batching.Batch]:
+        for pictures, sizes, max_batch in chunks:
+            limit = _max_batch(max_batch, "ENCODE_BATCH_SIZE")
+            yield from batching.plan(ae, job, job.add(pictures, sizes), max_batch=limit)
+
+    for done in batching.stream(ae, job, batches()):
+        yield done
+        job.forget(index for index, _outcome in done)
 
 
 def encode_many(

@@ -7,18 +7,20 @@ row):
    batch with other pending rows of the field — one transaction, staged bytes included.
 2. A per-process thread pool decodes the uploads with Pillow (which releases the GIL); batches
    are planned from the rows' width/height before any pixel is decoded.
-3. :func:`workers.codec.iter_encode` runs the batches (memory-bounded, OOM-split, NaN re-run in
-   float32) and hands back each batch's outcomes as soon as it is done.
+3. :func:`workers.codec.iter_encode_stream` runs the batches (memory-bounded, OOM-split, NaN
+   re-run in float32) and hands back each batch's outcomes as soon as it is done.
 4. The per-item loop (:meth:`EncodeRun.finish_item`) turns each outcome into a blob, a failure,
    or a retry; where the field's quality gate is on, one batched decode of the batch's blobs
    measures their round trip (:meth:`EncodeRun.measure`); one
    :func:`~latentstore.encoding.write_back_many` per batch stores the blobs, and the leases of
    the rows still waiting are renewed.
 
-**Pipelining.** The model should never wait for the database or for Pillow. While a batch is on
-the device, a background thread (its own database connection) writes the previous batch back
-and — on PostgreSQL — claims the next batch of pending rows of the same field, whose pictures the
-pixel pool then decodes. So one task keeps draining the field's backlog for up to
+**Pipelining.** The model should never wait for the database or for Pillow. The rows of one
+autoencoder run as one stream of batches (:meth:`EncodeRun.encode_stream`): the next batch is
+launched behind the one on the device before the finished one is packed, and while the device
+works a background thread (its own database connection) writes the previous batch back and — on
+PostgreSQL — claims the next batch of pending rows of the same field, whose pictures the pixel
+pool then decodes. So one task keeps draining the field's backlog for up to
 ``DRAIN_SECONDS``, back to back; the messages of the rows it took find them done and cost one
 query each. Inside a transaction (a task run eagerly in a test or a request) everything runs
 inline instead: another connection could not see the transaction's rows.
@@ -33,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +46,7 @@ from latentstore import conf, encoding
 from latentstore.encoding import Claim
 from latentstore.latents import blob_digest
 from workers.batching import NonFinite, Outcome, OutOfMemory
-from workers.codec import UnreadablePicture, iter_encode
+from workers.codec import UnreadablePicture, iter_encode_stream
 
 __all__ = ["BatchReport", "EncodeRun", "encode_rows", "pixel_pool"]
 
@@ -101,6 +103,24 @@ class _Unit:
     claims: list[Claim]
     pictures: list[Future]
     max_batch: int
+
+
+class _Lookahead:
+    """An iterator of units that can be peeked at: a stream takes only its own autoencoder's."""
+
+    def __init__(self, source: Iterator[_Unit]) -> None:
+        self.source = source
+        self.held: list[_Unit] = []
+
+    def next(self) -> _Unit | None:
+        return self.held.pop() if self.held else next(self.source, None)
+
+    def next_if(self, accept: Callable[[_Unit], bool]) -> _Unit | None:
+        unit = self.next()
+        if unit is not None and not accept(unit):
+            self.held.append(unit)
+            return None
+        return unit
 
 
 class _Background:
@@ -172,17 +192,9 @@ class EncodeRun:
         deadline = time.monotonic() + float(self.settings.get("DRAIN_SECONDS") or 0)
         background = _Background(threaded=not connection.in_atomic_block)
         try:
-            units = self.prepare(claims)
-            while units:
-                following: Future | None = None
-                if drain and len(claims) >= self.size and time.monotonic() < deadline:
-                    following = background.submit(self.claim_more)
-                for unit in units:
-                    self.encode_unit(unit, background)
-                    background.check()
-                if following is None:
-                    break
-                claims, units = following.result()
+            units = _Lookahead(self.units(claims, drain, deadline, background))
+            while (unit := units.next()) is not None:
+                self.encode_stream(unit, units, background)
             background.finish()
         except BaseException as exc:
             try:
@@ -198,6 +210,20 @@ class EncodeRun:
                 logger.exception("Could not release %d claimed rows", len(unfinished))
             raise
         return self.report
+
+    def units(
+        self, claims: list[Claim], drain: bool, deadline: float, background: _Background
+    ) -> Iterator[_Unit]:
+        """The claimed rows as units, then (draining) the backlog's, claimed one batch ahead."""
+        units = self.prepare(claims)
+        while units:
+            following: Future | None = None
+            if drain and len(claims) >= self.size and time.monotonic() < deadline:
+                following = background.submit(self.claim_more)
+            yield from units
+            if following is None:
+                return
+            claims, units = following.result()
 
     def claim_more(self) -> tuple[list[Claim], list[_Unit]]:
         """The next batch of the field's backlog, its pictures already decoding."""
@@ -226,25 +252,40 @@ class EncodeRun:
                     units.append(_Unit(alias, subset, pictures, max_batch))
         return units
 
-    def encode_unit(self, unit: _Unit, background: _Background) -> None:
+    def encode_stream(self, first: _Unit, units: _Lookahead, background: _Background) -> None:
+        """Encode ``first`` and the units after it that use the same autoencoder, as one stream.
+
+        The next unit is pulled (its rows claimed, its pictures decoding) while the device runs
+        the batch before it, so the device goes from one batch to the next without waiting.
+        """
         from workers.autoencoders import load_autoencoder
 
         try:
-            ae = load_autoencoder(unit.alias)
+            ae = load_autoencoder(first.alias)
         except KeyError as exc:  # no such alias: a configuration error, not the image's fault
-            for c in unit.claims:
+            for c in first.claims:
                 self.fail(c, str(exc.args[0]) if exc.args else str(exc))
             return
         except Exception as exc:
-            logger.exception("Loading autoencoder %r failed", unit.alias)
-            for c in unit.claims:
-                self.transient(c, f"Loading autoencoder {unit.alias!r} failed: {exc}")
+            logger.exception("Loading autoencoder %r failed", first.alias)
+            for c in first.claims:
+                self.transient(c, f"Loading autoencoder {first.alias!r} failed: {exc}")
             return
-        claims = unit.claims
-        waiting = {id(c): c for c in claims}
-        sizes = [(c.width, c.height) for c in claims]
+        claims: list[Claim] = []
+        pictures: list[Future | None] = []
+        waiting: dict[int, Claim] = {}
+
+        def chunks() -> Iterator[tuple[list[Future], list[tuple[int, int]], int]]:
+            unit: _Unit | None = first
+            while unit is not None:
+                claims.extend(unit.claims)
+                pictures.extend(unit.pictures)
+                waiting.update((id(c), c) for c in unit.claims)
+                yield unit.pictures, [(c.width, c.height) for c in unit.claims], unit.max_batch
+                unit = units.next_if(lambda u: u.alias == first.alias)
+
         try:
-            for done in iter_encode(ae, unit.pictures, sizes=sizes, max_batch=unit.max_batch):
+            for done in iter_encode_stream(ae, chunks()):
                 ready: list[_Done] = []
                 gated: list[tuple[_Done, Future]] = []
                 for index, outcome in done:  # the per-item result loop
@@ -254,13 +295,17 @@ class EncodeRun:
                     if item is not None:
                         ready.append(item)
                         if claim.quality.check:
-                            gated.append((item, unit.pictures[index]))
+                            gated.append((item, pictures[index]))
                 if gated:
                     self.measure(ae, gated)
+                for index, _outcome in done:
+                    pictures[index] = None  # finished: let its pixels go
                 background.submit(self.store, ready, list(waiting.values()))
+                background.check()
         finally:
-            for future in unit.pictures:  # a failed run must not leave decodes queued
-                future.cancel()
+            for future in pictures:  # a failed run must not leave decodes queued
+                if future is not None:
+                    future.cancel()
 
     # --- per item -------------------------------------------------------------------------------
 
