@@ -105,29 +105,14 @@ def schedule_warmup(image: LatentImage, alias: str, size: Any = None, format: st
     of thumbnails viewed by many people costs one decode per picture. Never waits; a broker that
     cannot be reached is logged and forgotten (the page keeps its preview).
     """
-    from celery import current_app
-
     settings = conf.get_settings()
     format = normalise_format(format)
     key, target = key_for(image, alias, size, format)
     cache = get_cache()
     if not cache.add(key + ":warming", 1, settings["WARMUP_LOCK_SECONDS"]):
         return False
-    instance = image.instance
     try:
-        current_app.send_task(
-            settings["DECODE_TASK"],
-            args=[
-                instance._meta.label,
-                instance.pk if isinstance(instance.pk, (int, str)) else str(instance.pk),
-                image.field.name,
-                alias,
-                list(target),
-                format,
-                key,
-            ],
-            queue=settings["DECODE_QUEUE"],
-        )
+        _send_tasks(_decode_tasks([(image, key, target)], alias, format, batch=False))
     except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
         cache.delete(key + ":warming")
         logger.warning("Could not schedule a warm-up decode of %s: %s", key, exc)
@@ -146,17 +131,22 @@ def encode_picture(img: PILImage.Image, format: str) -> bytes:
     return buf.getvalue()
 
 
-def render(image: LatentImage, alias: str, target: tuple[int, int], format: str) -> bytes:
-    """Decode ``image`` with ``alias`` in this process and encode the picture (no cache)."""
+def _finish(picture: PILImage.Image, target: Sequence[int], format: str) -> bytes:
+    """A decoded picture resized to ``target`` (if it is not that size) and encoded."""
     from PIL import Image
 
-    backend = decoders[alias]
-    header, latents = image.unpack()
-    backend.check(header)
-    picture = backend.decode(header, latents)
+    target = (int(target[0]), int(target[1]))
     if picture.size != target:
         picture = picture.resize(target, Image.Resampling.LANCZOS)
     return encode_picture(picture, format)
+
+
+def render(image: LatentImage, alias: str, target: tuple[int, int], format: str) -> bytes:
+    """Decode ``image`` with ``alias`` in this process and encode the picture (no cache)."""
+    backend = decoders[alias]
+    header, latents = image.unpack()
+    backend.check(header)
+    return _finish(backend.decode(header, latents), target, format)
 
 
 def render_many(
@@ -170,8 +160,6 @@ def render_many(
     Returns, per image, the encoded picture or the exception that stopped it (a row without
     latents, latents the decoder refuses, a failed decode).
     """
-    from PIL import Image
-
     backend = decoders[alias]
     results: list[bytes | Exception | None] = [None] * len(images)
     prepared = []
@@ -188,9 +176,7 @@ def render_many(
         if isinstance(picture, Exception):
             results[index] = picture
             continue
-        if picture.size != tuple(targets[index]):
-            picture = picture.resize(tuple(targets[index]), Image.Resampling.LANCZOS)
-        results[index] = encode_picture(picture, format)
+        results[index] = _finish(picture, targets[index], format)
     return results  # type: ignore[return-value]  # every index was filled
 
 
@@ -240,7 +226,8 @@ def decode_many(
             continue
         todo = [(index, key, target) for key, (index, target) in missing.items()]
         if decoders[alias].run == RUN_WORKER:
-            decoded = _decode_many_on_worker(images, alias, todo, format)
+            pending = [(images[i], key, target) for i, key, target in todo]
+            decoded = _decode_on_workers(pending, alias, format, batch=True)
         else:
             rendered = render_many(
                 [images[i] for i, _k, _t in todo], alias, [t for _i, _k, t in todo], format
@@ -260,58 +247,6 @@ def decode_many(
     return results
 
 
-def _decode_many_on_worker(
-    images: Sequence[LatentImage],
-    alias: str,
-    todo: list[tuple[int, str, tuple[int, int]]],
-    format: str,
-) -> dict[str, bytes | Exception]:
-    """Send ``latentstore.decode_batch`` tasks (one per field, ``DECODE_BATCH_SIZE`` rows each)
-    and wait for every picture, or its error, to appear in the shared cache (by key)."""
-    from celery import current_app
-
-    settings = conf.get_settings()
-    groups: dict[tuple[str, str], list[tuple[int, str, tuple[int, int]]]] = {}
-    for entry in todo:
-        image = images[entry[0]]
-        groups.setdefault((image.instance._meta.label, image.field.name), []).append(entry)
-    step = max(1, int(settings["DECODE_BATCH_SIZE"]))
-    for (label, field_name), entries in groups.items():
-        for start in range(0, len(entries), step):
-            chunk = entries[start : start + step]
-            items = [[images[i].instance.pk, list(target), key] for i, key, target in chunk]
-            current_app.send_task(
-                settings["DECODE_BATCH_TASK"],
-                args=[label, field_name, alias, format, items],
-                queue=settings["DECODE_QUEUE"],
-            )
-    cache = get_cache()
-    waiting = {key: index for index, key, _target in todo}
-    decoded: dict[str, bytes | Exception] = {}
-    deadline = time.monotonic() + settings["DECODE_TIMEOUT"]
-    delay = 0.01
-    while waiting and time.monotonic() < deadline:
-        found = cache.get_many([k for key in waiting for k in (key, key + ":error")])
-        for key in list(waiting):
-            if key in found:
-                decoded[key] = found[key]
-                del waiting[key]
-            elif key + ":error" in found:
-                decoded[key] = DecodeFailed(found[key + ":error"])
-                del waiting[key]
-        if waiting:
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
-    for key, index in waiting.items():
-        instance = images[index].instance
-        decoded[key] = DecodeTimeout(
-            f"No decode from a worker within {settings['DECODE_TIMEOUT']} s for "
-            f"{instance._meta.label} pk={instance.pk} ({alias}); "
-            f"is a worker consuming {settings['DECODE_QUEUE']!r}?"
-        )
-    return decoded
-
-
 def decode_bytes(image: LatentImage, alias: str, size: Any = None, format: str = "PNG") -> bytes:
     """The decoded picture as an image file, from the cache or decoded now (then cached)."""
     from latentstore.fields import READY, LatentsNotReady
@@ -329,7 +264,10 @@ def decode_bytes(image: LatentImage, alias: str, size: Any = None, format: str =
 
     def compute() -> bytes:
         if backend.run == RUN_WORKER:
-            return _decode_on_worker(image, alias, target, format, key)
+            result = _decode_on_workers([(image, key, target)], alias, format, batch=False)[key]
+            if isinstance(result, Exception):
+                raise result
+            return result
         data = render(image, alias, target, format)
         cache.set(key, data, conf.get_settings()["CACHE_TIMEOUT"])
         return data
@@ -388,47 +326,105 @@ def decode_image(image: LatentImage, alias: str, size: Any = None, format: str =
     return picture
 
 
-def _decode_on_worker(
-    image: LatentImage, alias: str, target: tuple[int, int], format: str, key: str
-) -> bytes:
-    """Send a decode task and wait for its result to appear in the shared cache.
+# --- decoding on the workers ----------------------------------------------------------------
+#
+# The cache doubles as the result backend, so no Celery result store is needed: a decode task
+# puts the picture at its key in the shared cache, or its error at ``key + ":error"``. The cache
+# must therefore be shared between web and worker processes (Redis, Memcached, database or
+# file-based — not LocMem).
 
-    The cache doubles as the result backend, so no Celery result store is needed; the cache
-    must therefore be shared between web and worker processes (Redis, Memcached, database or
-    file-based — not LocMem).
+# What a worker is asked for: the image, the cache key it puts the picture at, the size.
+Pending = tuple["LatentImage", str, tuple[int, int]]
+
+
+def _task_pk(instance: Any) -> int | str:
+    # A message carries JSON: a UUID (or other) primary key travels as its string.
+    return instance.pk if isinstance(instance.pk, (int, str)) else str(instance.pk)
+
+
+def _decode_tasks(
+    pending: Sequence[Pending], alias: str, format: str, *, batch: bool
+) -> list[tuple[str, list[Any]]]:
+    """The decode tasks, ``(task name, args)``, that put each pending picture in the cache.
+
+    ``batch=False``: one ``DECODE_TASK`` per picture (a warm-up, ``decode()``); ``batch=True``:
+    ``DECODE_BATCH_TASK``s, one per model field and ``DECODE_BATCH_SIZE`` pictures.
     """
+    settings = conf.get_settings()
+    if not batch:
+        return [
+            (
+                settings["DECODE_TASK"],
+                [
+                    image.instance._meta.label,
+                    _task_pk(image.instance),
+                    image.field.name,
+                    alias,
+                    list(target),
+                    format,
+                    key,
+                ],
+            )
+            for image, key, target in pending
+        ]
+    groups: dict[tuple[str, str], list[Pending]] = {}
+    for entry in pending:
+        image = entry[0]
+        groups.setdefault((image.instance._meta.label, image.field.name), []).append(entry)
+    step = max(1, int(settings["DECODE_BATCH_SIZE"]))
+    tasks = []
+    for (label, field_name), entries in groups.items():
+        for start in range(0, len(entries), step):
+            items = [
+                [_task_pk(image.instance), list(target), key]
+                for image, key, target in entries[start : start + step]
+            ]
+            tasks.append((settings["DECODE_BATCH_TASK"], [label, field_name, alias, format, items]))
+    return tasks
+
+
+def _send_tasks(tasks: Sequence[tuple[str, list[Any]]]) -> None:
     from celery import current_app
 
+    queue = conf.get_settings()["DECODE_QUEUE"]
+    for name, args in tasks:
+        current_app.send_task(name, args=args, queue=queue)
+
+
+def _decode_on_workers(
+    pending: Sequence[Pending], alias: str, format: str, *, batch: bool
+) -> dict[str, bytes | Exception]:
+    """Send decode tasks for ``pending`` and wait for each picture, or its error, in the cache.
+
+    Returns, per key, the picture, a :class:`DecodeFailed` with the worker's message, or a
+    :class:`DecodeTimeout` when nothing arrived within ``DECODE_TIMEOUT`` seconds.
+    """
     settings = conf.get_settings()
-    instance = image.instance
-    error_key = key + ":error"
     cache = get_cache()
-    cache.delete(error_key)  # a failure left by an earlier attempt is not this one's answer
-    current_app.send_task(
-        settings["DECODE_TASK"],
-        args=[
-            instance._meta.label,
-            instance.pk,
-            image.field.name,
-            alias,
-            list(target),
-            format,
-            key,
-        ],
-        queue=settings["DECODE_QUEUE"],
-    )
+    # A failure left by an earlier attempt is not this one's answer.
+    cache.delete_many([key + ":error" for _image, key, _target in pending])
+    _send_tasks(_decode_tasks(pending, alias, format, batch=batch))
+    waiting = {key: image for image, key, _target in pending}
+    decoded: dict[str, bytes | Exception] = {}
     deadline = time.monotonic() + settings["DECODE_TIMEOUT"]
     delay = 0.01
-    while time.monotonic() < deadline:
-        found = cache.get_many([key, error_key])
-        if key in found:
-            return found[key]
-        if error_key in found:
-            raise DecodeFailed(found[error_key])
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
-    raise DecodeTimeout(
-        f"No decode from a worker within {settings['DECODE_TIMEOUT']} s for "
-        f"{instance._meta.label} pk={instance.pk} ({alias}); is a worker consuming "
-        f"{settings['DECODE_QUEUE']!r}?"
-    )
+    while waiting and time.monotonic() < deadline:
+        found = cache.get_many([k for key in waiting for k in (key, key + ":error")])
+        for key in list(waiting):
+            if key in found:
+                decoded[key] = found[key]
+                del waiting[key]
+            elif key + ":error" in found:
+                decoded[key] = DecodeFailed(found[key + ":error"])
+                del waiting[key]
+        if waiting:
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+    for key, image in waiting.items():
+        instance = image.instance
+        decoded[key] = DecodeTimeout(
+            f"No decode from a worker within {settings['DECODE_TIMEOUT']} s for "
+            f"{instance._meta.label} pk={instance.pk} ({alias}); "
+            f"is a worker consuming {settings['DECODE_QUEUE']!r}?"
+        )
+    return decoded

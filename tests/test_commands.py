@@ -17,6 +17,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
+from latentstore.decoders import decoders
 from latentstore.decoding import get_cache, key_for
 from project.models import Photo
 from tests.conftest import broker_unreachable, encode_pointers, latentstore_config
@@ -359,6 +360,30 @@ def test_warm_decodes_into_the_cache_and_skips_what_is_there(png_bytes):
 
     again = run("latents_warm", "--size", "32", "--model", "demo.Photo", "--ids", f"{a.pk},{b.pk}")
     assert "2 cached" in again and "warmed" not in again
+
+
+def test_warm_decodes_a_chunk_in_one_batched_call(monkeypatch):
+    good = photos(3)
+    (corrupt,) = make_rows(1)
+    Photo.objects.filter(pk=corrupt).update(image=good[0].image.blob[:-5])
+    backend_class = type(decoders["default"])
+    real = backend_class.decode_many
+    batches = []
+
+    def spy(self, items):  # the backend's own batched decode, counted
+        batches.append(len(items))
+        return real(self, items)
+
+    monkeypatch.setattr(backend_class, "decode_many", spy)
+    out, error = fails("latents_warm", "--size", "32", "--verbosity", "2")
+    assert batches == [3]  # one call for the chunk, not one decode per picture
+    assert "3 warmed" in out and "1 failed" in out
+    assert f"demo.Photo.image pk={corrupt} size=32: failed" in out
+    assert f"demo.Photo.image pk={good[1].pk} size=32: warmed" in out
+    assert f"demo.Photo pk={corrupt} size=32: LatentFormatError" in str(error)
+    for photo in good:
+        key, _ = key_for(photo.image, "default", 32, "WEBP")
+        assert get_cache().get(key) == photo.image.decoded_bytes(size=32, format="webp")
 
 
 def test_warm_enqueue_sends_decode_tasks_once(broker):

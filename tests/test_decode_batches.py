@@ -10,7 +10,7 @@ from django.core.cache import caches
 from PIL import Image
 
 from latentstore import cache as latent_cache
-from latentstore.decoding import decode_many
+from latentstore.decoding import decode_many, key_for
 from latentstore.fields import LatentsNotReady
 from project.models import Photo
 from tests.conftest import broker_unreachable, latentstore_config, requires_redis
@@ -102,5 +102,31 @@ def test_decode_many_on_workers_sends_batch_tasks(settings, tiny_vae_dir, celery
         Photo.objects.filter(pk=photos[0].pk).delete()
         (missing,) = decode_many([photos[0].image], size=20, return_exceptions=True)
         assert "does not exist" in str(missing)
+    finally:
+        caches["redis"].clear()
+
+
+@requires_redis
+def test_a_stale_worker_error_does_not_answer_a_new_batch(settings, tiny_vae_dir, celery_worker):
+    settings.LATENTSTORE = latentstore_config(
+        tiny_vae_dir,
+        CACHE="redis",
+        DECODERS={
+            "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}}
+        },
+    )
+    try:
+        photos = [
+            Photo.objects.create(
+                title=f"s{i}", image=image_bytes(make_test_image(40, 24, seed=i), "PNG")
+            )
+            for i in range(2)
+        ]
+        wait_all(photos)
+        key, _ = key_for(photos[0].image, "default", 20, "PNG")
+        caches["redis"].set(key + ":error", "RuntimeError: a failure of an earlier attempt", 60)
+        pictures = decode_many([p.image for p in photos], size=20, return_exceptions=True)
+        assert not any(isinstance(d, Exception) for d in pictures), pictures
+        assert [Image.open(io.BytesIO(d)).size for d in pictures] == [(20, 12)] * 2
     finally:
         caches["redis"].clear()

@@ -14,7 +14,7 @@ from django.core.management.base import CommandError
 
 from latentstore import conf
 from latentstore.decoders import InvalidDecoderError, decoders
-from latentstore.decoding import decode_bytes, get_cache, key_for, normalise_format, schedule_warmup
+from latentstore.decoding import decode_many, get_cache, key_for, normalise_format, schedule_warmup
 from latentstore.fields import READY
 from latentstore.maintenance import small_rows
 from latentstore.management.base import LatentCommand, chunks
@@ -76,11 +76,14 @@ class Command(LatentCommand):
             total = rows.count()
             with self.progress(total * len(sizes), label, unit="pictures") as progress:
                 for instances in chunks(rows, options["batch_size"]):
-                    for instance in instances:
-                        image = getattr(instance, field.name)
-                        for size in sizes:
-                            outcome = self._warm(image, alias, size, fmt, options, errors)
+                    images = [getattr(instance, field.name) for instance in instances]
+                    outcomes = [self._warm(images, alias, size, fmt, options) for size in sizes]
+                    for row, instance in enumerate(instances):  # reported in row order
+                        for nth, size in enumerate(sizes):
+                            outcome, error = outcomes[nth][row]
                             counts[outcome] = counts.get(outcome, 0) + 1
+                            if error is not None:
+                                errors[self._where(images[row], size)] = error
                             if options["verbosity"] >= 2:
                                 self.stdout.write(
                                     f"{label} pk={instance.pk} size={size or 'original'}: {outcome}"
@@ -97,21 +100,60 @@ class Command(LatentCommand):
             shown = "; ".join(f"{where}: {msg}" for where, msg in list(errors.items())[:5])
             self.fail(f"latents_warm: {len(errors)} pictures could not be decoded: {shown}.")
 
+    @staticmethod
+    def _where(image: Any, size: int | None) -> str:
+        return f"{image.field.model._meta.label} pk={image.instance.pk} size={size or 'original'}"
+
     def _warm(
-        self, image: Any, alias: str, size: int | None, fmt: str, options: dict, errors: dict
-    ) -> str:
-        where = f"{image.field.model._meta.label} pk={image.instance.pk} size={size or 'original'}"
-        try:
-            key, _target = key_for(image, alias, size, fmt)
-            if get_cache().shared.has_key(key):
-                return "cached"
-            if options["dry_run"]:
-                return "would warm"
-            if options["enqueue"]:
-                sent = schedule_warmup(image, alias, size, fmt)
-                return "scheduled" if sent else "already scheduled"
-            decode_bytes(image, alias, size=size, format=fmt)
-        except Exception as exc:  # corrupt latents, a decoder that refuses them, a timeout
-            errors[where] = f"{type(exc).__name__}: {exc}"
-            return "failed"
-        return "warmed"
+        self, images: list[Any], alias: str, size: int | None, fmt: str, options: dict
+    ) -> list[tuple[str, str | None]]:
+        """Per image, the outcome of warming it at ``size`` and its error message (or None).
+
+        The pictures not cached yet are decoded together: one :func:`decode_many` call, so the
+        backend decodes them in batches (or ``decode_batch`` tasks do, for worker decoders).
+        Rows sharing a blob share a picture: the first is decoded, the others count as cached
+        (or failed, with its error), as if they had been warmed one after the other.
+        """
+        results: list[tuple[str, str | None]] = [("", None)] * len(images)
+        shared = get_cache().shared
+        todo: list[int] = []
+        first: dict[str, int] = {}  # cache key -> the index that decodes it
+        same: dict[int, int] = {}  # index -> the earlier index of the same picture
+        for index, image in enumerate(images):
+            try:
+                key, _target = key_for(image, alias, size, fmt)
+                # has_key, not get: presence is enough, the cached picture need not travel.
+                if shared.has_key(key):
+                    results[index] = ("cached", None)
+                elif options["dry_run"]:
+                    results[index] = ("would warm", None)
+                elif options["enqueue"]:
+                    sent = schedule_warmup(image, alias, size, fmt)
+                    results[index] = ("scheduled" if sent else "already scheduled", None)
+                elif key in first:
+                    same[index] = first[key]
+                else:
+                    first[key] = index
+                    todo.append(index)
+            except Exception as exc:  # corrupt latents, a decoder that refuses them, a broker
+                results[index] = ("failed", _message(exc))
+        if todo:
+            try:
+                decoded = decode_many(
+                    [images[i] for i in todo], alias, size, fmt, return_exceptions=True
+                )
+            except Exception as exc:  # the cache or the broker could not be reached at all
+                decoded = [exc] * len(todo)
+            for index, value in zip(todo, decoded, strict=True):
+                if isinstance(value, Exception):  # a timeout, a failed or refused decode
+                    results[index] = ("failed", _message(value))
+                else:
+                    results[index] = ("warmed", None)
+        for index, earlier in same.items():
+            outcome = results[earlier]
+            results[index] = ("cached", None) if outcome[0] == "warmed" else outcome
+        return results
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
