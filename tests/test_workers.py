@@ -14,11 +14,13 @@ import torch
 from diffusers import AutoencoderKL
 from django.test import override_settings
 
+from latentstore.latents import read_header
 from tests.tiny import make_test_image, save_tiny_autoencoder, tiny_autoencoder_config
 from workers import autoencoders
 from workers.autoencoders import clear_cache, fingerprint_state_dict, load_autoencoder
 from workers.codec import NonFiniteLatents, decode_latents, encode_images
 from workers.images import to_pil, to_tensor
+from workers.quality import measure_round_trip
 
 SD3 = {
     "latent_channels": 16,
@@ -195,6 +197,63 @@ def test_to_tensor_refuses_non_rgb():
         to_tensor(make_test_image(8, 8, mode="RGBA"), 8)
 
 
+def host_formula(x: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """What to_pil computed before it quantised on the tensor's device: float32 on the host."""
+    x = x[:, :height, :width].detach().to("cpu", torch.float32)
+    pixels = x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 0).contiguous().numpy()
+
+
+def exact_halves() -> torch.Tensor:
+    """float32 values whose pixel value lands exactly on k + 0.5, where rounding is to even."""
+    guesses = (torch.arange(256, dtype=torch.float32) + 0.5) / 127.5 - 1
+    up = down = guesses
+    near = [guesses]
+    for _ in range(3):  # a few ulps either side, where the product may round onto the half
+        up, down = up.nextafter(torch.tensor(2.0)), down.nextafter(torch.tensor(-2.0))
+        near += [up, down]
+    pool = torch.cat(near)
+    scaled = pool.add(1.0).mul(127.5)
+    halves = pool[scaled - scaled.floor() == 0.5]
+    floors = halves.add(1.0).mul(127.5).floor()
+    assert (floors % 2 == 0).any() and (floors % 2 == 1).any()  # both ways of rounding to even
+    return halves
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # gpu: skipped without CUDA
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_to_pil_quantises_exactly_as_on_the_host(device, dtype):
+    generator = torch.Generator().manual_seed(0)
+    special = torch.tensor([-1.0, 1.0, 0.0, -1.0001, 1.0001, -7.0, 7.0, -math.inf, math.inf])
+    fixed = torch.cat([exact_halves(), special])
+    noise = torch.randn(3 * 40 * 56 - len(fixed), generator=generator) * 1.5  # past [-1, 1] too
+    values = torch.cat([fixed, noise])
+    x = values[torch.randperm(len(values), generator=generator)].reshape(3, 40, 56)
+    x = x.to(dtype)
+    for width, height in ((56, 40), (37, 21), (1, 1)):
+        picture = to_pil(x.to(device), width, height)
+        assert picture.size == (width, height)
+        assert np.array_equal(np.asarray(picture), host_formula(x, width, height))
+
+
+def test_to_pil_copies_uint8_pixels_to_the_host(monkeypatch):
+    """The float32 -> uint8 quantisation happens before the copy, not after it."""
+    copied = []
+    real = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if any(isinstance(a, (str, torch.device)) for a in (*args, *kwargs.values())):
+            copied.append(self.dtype)  # a move to a device: what gets transferred
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    to_pil(torch.rand(3, 24, 40) * 2 - 1, 37, 21)
+    assert copied == [torch.uint8]
+
+
 # --- encode --------------------------------------------------------------------------------------
 
 
@@ -350,6 +409,59 @@ def test_sd3_style_model_round_trips(sd3_dir):
         assert latents.shape == (16, 3, 5)
         img = decode_latents(ae, latents, 37, 21)
         assert img.mode == "RGB" and img.size == (37, 21)
+
+
+# --- measuring a bare model --------------------------------------------------------------------
+
+
+@pytest.fixture
+def fingerprint_calls(monkeypatch) -> list:
+    """Every model fingerprint_state_dict hashes; the real function still runs."""
+    calls = []
+    real = autoencoders.fingerprint_state_dict
+
+    def spy(model):
+        calls.append(model)
+        return real(model)
+
+    monkeypatch.setattr(autoencoders, "fingerprint_state_dict", spy)
+    return calls
+
+
+def test_measuring_a_model_again_does_not_hash_its_weights_again(fingerprint_calls):
+    # The training script's evaluation measures one model three times per held-out picture.
+    torch.manual_seed(0)
+    model = AutoencoderKL(**tiny_autoencoder_config())
+    picture = make_test_image(24, 16)
+    blobs = [measure_round_trip(model, picture, dtype=d).blob for d in ("float16", "int8") * 2]
+    assert len(fingerprint_calls) == 1
+    assert {read_header(blob).fingerprint for blob in blobs} == {fingerprint_state_dict(model)}
+
+
+def test_a_changed_weight_is_hashed_again_when_measured(fingerprint_calls):
+    torch.manual_seed(0)
+    model = AutoencoderKL(**tiny_autoencoder_config())
+    picture = make_test_image(24, 16)
+    before = read_header(measure_round_trip(model, picture).blob).fingerprint
+    with torch.no_grad():
+        model.decoder.conv_out.bias[0] += 1e-3
+    after = read_header(measure_round_trip(model, picture).blob).fingerprint
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    replaced = read_header(measure_round_trip(model, picture).blob).fingerprint
+    assert len(fingerprint_calls) == 3
+    assert before != after == replaced == fingerprint_state_dict(model)
+
+
+def test_a_model_made_in_inference_mode_is_measured_every_time(fingerprint_calls):
+    # Its tensors keep no version counter: nothing would tell a changed weight.
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = AutoencoderKL(**tiny_autoencoder_config())
+    picture = make_test_image(24, 16)
+    first = measure_round_trip(model, picture).blob
+    second = measure_round_trip(model, picture).blob
+    assert len(fingerprint_calls) == 2
+    assert read_header(first).fingerprint == read_header(second).fingerprint
 
 
 # --- invariants ----------------------------------------------------------------------------------

@@ -28,18 +28,26 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, ModelMixin
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from latentstore.conf import get_autoencoder_config, get_settings
 
-__all__ = ["LoadedAutoencoder", "clear_cache", "fingerprint_state_dict", "load_autoencoder"]
+__all__ = [
+    "LoadedAutoencoder",
+    "clear_cache",
+    "fingerprint_state_dict",
+    "load_autoencoder",
+    "load_pretrained",
+]
 
 logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=ModelMixin)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -83,12 +91,7 @@ class LoadedAutoencoder:
     @property
     def block_width(self) -> int:
         """Channels of the full-resolution blocks: what activation memory scales with."""
-        config = self.model.config
-        for name in ("block_out_channels", "decoder_block_out_channels"):
-            channels = getattr(config, name, None)
-            if channels:
-                return int(channels[0])
-        return 128  # the SD VAE's: a safe guess for an unknown architecture
+        return int(self.model.config.block_out_channels[0])
 
     def pack(self, latents: Any, width: int, height: int, dtype: str = "float16") -> bytes:
         """A latent blob of ``latents`` stamped with this autoencoder's identity and factors."""
@@ -289,25 +292,63 @@ def _compile(alias: str, model: AutoencoderKL, spec: Any) -> bool:
     return True
 
 
-def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
-    device = _resolve_device(config.get("DEVICE"))
-    dtype = _resolve_dtype(alias, config.get("DTYPE"), device, config.get("CPU_DTYPE", "float32"))
-    pretrained = config["PRETRAINED"]
+@overload
+def load_pretrained(
+    cls: type[M],
+    pretrained: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    subfolder: str | None = ...,
+    revision: str | None = ...,
+    fingerprint: Literal[False] = ...,
+) -> tuple[M, None]: ...
+
+
+@overload
+def load_pretrained(
+    cls: type[M],
+    pretrained: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    subfolder: str | None = ...,
+    revision: str | None = ...,
+    fingerprint: Literal[True],
+) -> tuple[M, str]: ...
+
+
+def load_pretrained(
+    cls: type[M],
+    pretrained: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    fingerprint: bool = False,
+) -> tuple[M, str | None]:
+    """``cls.from_pretrained`` from safetensors only, frozen, cast to ``dtype``, on ``device``.
+
+    ``pretrained`` is a hub id or a ``save_pretrained`` directory; a repository with only pickled
+    ``.bin`` weights is refused (``use_safetensors=True``), never unpickled. Returns the model
+    (in eval mode, without gradients) and, with ``fingerprint=True``, the
+    :func:`fingerprint_state_dict` of the weights as loaded, in float32 before any cast.
+    """
     kwargs: dict[str, Any] = {
         "use_safetensors": True,
         # Without accelerate, diffusers warns on every load that it falls back to this anyway.
         "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None,
     }
-    if config.get("SUBFOLDER"):
-        kwargs["subfolder"] = config["SUBFOLDER"]
-    if config.get("REVISION"):
-        kwargs["revision"] = config["REVISION"]
-    logger.info("Loading autoencoder %r from %s (%s, %s)", alias, pretrained, device, dtype)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if revision:
+        kwargs["revision"] = revision
     # Loaded in float32 (the default): the fingerprint is computed before any cast.
-    model = AutoencoderKL.from_pretrained(pretrained, **kwargs)
+    model = cls.from_pretrained(pretrained, **kwargs)
     model.eval()
     model.requires_grad_(False)
-    fingerprint = fingerprint_state_dict(model)
+    digest = fingerprint_state_dict(model) if fingerprint else None
     if dtype != torch.float32:
         if getattr(model, "_keep_in_fp32_modules", None):
             model.to(dtype=dtype)
@@ -316,12 +357,38 @@ def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
             # on every dtype cast; with no such modules the plain nn.Module cast is the same.
             torch.nn.Module.to(model, dtype=dtype)
     model.to(device=device)
+    return model, digest
+
+
+def _latent_factors(config: Any) -> tuple[float, float, int]:
+    """``(scaling_factor, shift_factor, downsample)`` of an ``AutoencoderKL`` config."""
+    shift = getattr(config, "shift_factor", None)
+    return (
+        float(config.scaling_factor),
+        float(shift) if shift is not None else 0.0,
+        2 ** (len(config.block_out_channels) - 1),
+    )
+
+
+def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
+    device = _resolve_device(config.get("DEVICE"))
+    dtype = _resolve_dtype(alias, config.get("DTYPE"), device, config.get("CPU_DTYPE", "float32"))
+    pretrained = config["PRETRAINED"]
+    logger.info("Loading autoencoder %r from %s (%s, %s)", alias, pretrained, device, dtype)
+    model, fingerprint = load_pretrained(
+        AutoencoderKL,
+        pretrained,
+        device=device,
+        dtype=dtype,
+        subfolder=config.get("SUBFOLDER"),
+        revision=config.get("REVISION"),
+        fingerprint=True,
+    )
 
     cfg = model.config
     family = str(config.get("FAMILY") or "")
     _check_family(alias, family, int(cfg.latent_channels))
-    shift = getattr(cfg, "shift_factor", None)
-    downsample = 2 ** (len(cfg.block_out_channels) - 1)
+    scaling, shift, downsample = _latent_factors(cfg)
     tile_above, tile_size, overlap = _tiling(alias, config, downsample)
     model.tile_sample_min_size = tile_size
     model.tile_latent_min_size = tile_size // downsample
@@ -344,8 +411,8 @@ def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
         dtype=dtype,
         family=family,
         fingerprint=fingerprint,
-        scaling_factor=float(cfg.scaling_factor),
-        shift_factor=float(shift) if shift is not None else 0.0,
+        scaling_factor=scaling,
+        shift_factor=shift,
         downsample=downsample,
         config=dict(config),
         channels_last=channels_last,

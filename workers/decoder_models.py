@@ -17,7 +17,6 @@ context, to its children; each child loads its own.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import threading
@@ -29,7 +28,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from latentstore.decoders import weights_signature
-from workers.autoencoders import _resolve_device, _resolve_dtype
+from workers.autoencoders import _resolve_device, _resolve_dtype, load_pretrained
 
 __all__ = [
     "LoadedDecoderModel",
@@ -108,22 +107,10 @@ def _from_pretrained(
     device: torch.device,
     dtype: torch.dtype,
 ) -> LoadedDecoderModel:
-    kwargs: dict[str, Any] = {
-        "use_safetensors": True,
-        # Without accelerate, diffusers warns on every load that it falls back to this anyway.
-        "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None,
-    }
-    if subfolder:
-        kwargs["subfolder"] = subfolder
-    if revision:
-        kwargs["revision"] = revision
     logger.info("Loading %s from %s (%s, %s)", cls.__name__, pretrained, device, dtype)
-    model = cls.from_pretrained(pretrained, **kwargs)
-    model.eval()
-    model.requires_grad_(False)
-    if dtype != torch.float32:
-        torch.nn.Module.to(model, dtype=dtype)  # no fp32-kept modules in these two classes
-    model.to(device=device)
+    model, _ = load_pretrained(
+        cls, pretrained, device=device, dtype=dtype, subfolder=subfolder, revision=revision
+    )
     return LoadedDecoderModel(model=model, device=device, dtype=dtype)
 
 

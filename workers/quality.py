@@ -11,6 +11,7 @@ policy) by PSNR. :func:`measure_round_trip` is the same measurement for a bare
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from PIL import Image
 
 from latentstore.latents import unpack
 from latentstore.quality import QualityPolicy, psnr
-from workers.autoencoders import LoadedAutoencoder
+from workers.autoencoders import LoadedAutoencoder, _latent_factors
 from workers.batching import NonFinite
 from workers.codec import decode_latents, decode_many, encode_images
 
@@ -118,24 +119,58 @@ def gate(
     return result
 
 
+# model -> (the state of its weights when hashed, their fingerprint). Weak keys: a model is
+# forgotten with its last user; the value holds no reference back to it.
+_fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _weights_state(model: torch.nn.Module) -> tuple | None:
+    """What changes when the weights do: in-place writes move a tensor's version counter, and a
+    replaced tensor (``load_state_dict(assign=True)``, a cast) has other storage."""
+    try:
+        return tuple(
+            (name, t.data_ptr(), t._version) for name, t in model.state_dict(keep_vars=True).items()
+        )
+    except RuntimeError:  # inference tensors (made under torch.inference_mode) keep no version
+        return None
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    from workers.autoencoders import fingerprint_state_dict
+
+    state = _weights_state(model)
+    hit = _fingerprints.get(model)
+    if state is not None and hit is not None and hit[0] == state:
+        return hit[1]
+    fingerprint = fingerprint_state_dict(model)
+    if state is not None:
+        _fingerprints[model] = (state, fingerprint)
+    return fingerprint
+
+
 def wrap(
     model: AutoencoderKL, family: str = "ls-small", alias: str = "measure"
 ) -> LoadedAutoencoder:
-    """A bare float32 CPU ``AutoencoderKL`` as the workers' :class:`LoadedAutoencoder`."""
-    from workers.autoencoders import fingerprint_state_dict
+    """A bare float32 CPU ``AutoencoderKL`` as the workers' :class:`LoadedAutoencoder`.
 
-    cfg = model.config
-    shift = getattr(cfg, "shift_factor", None)
+    The weights are fingerprinted once per model, not on every call (the training script's
+    evaluation measures a model three times per picture): again only when a weight was written
+    in place or replaced since. Writes through ``tensor.data`` bypass the version counter that
+    shows this, so change weights with ``torch.no_grad()`` instead.
+    """
+    scaling, shift, downsample = _latent_factors(model.config)
     return LoadedAutoencoder(
         alias=alias,
         model=model,
         device=torch.device("cpu"),
         dtype=torch.float32,
         family=family,
-        fingerprint=fingerprint_state_dict(model),
-        scaling_factor=float(cfg.scaling_factor),
-        shift_factor=float(shift) if shift is not None else 0.0,
-        downsample=2 ** (len(cfg.block_out_channels) - 1),
+        fingerprint=_fingerprint(model),
+        scaling_factor=scaling,
+        shift_factor=shift,
+        downsample=downsample,
     )
 
 
