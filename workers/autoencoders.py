@@ -28,7 +28,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, ModelMixin
@@ -292,32 +292,6 @@ def _compile(alias: str, model: AutoencoderKL, spec: Any) -> bool:
     return True
 
 
-@overload
-def load_pretrained(
-    cls: type[M],
-    pretrained: str,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    subfolder: str | None = ...,
-    revision: str | None = ...,
-    fingerprint: Literal[False] = ...,
-) -> tuple[M, None]: ...
-
-
-@overload
-def load_pretrained(
-    cls: type[M],
-    pretrained: str,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    subfolder: str | None = ...,
-    revision: str | None = ...,
-    fingerprint: Literal[True],
-) -> tuple[M, str]: ...
-
-
 def load_pretrained(
     cls: type[M],
     pretrained: str,
@@ -384,6 +358,7 @@ def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
         revision=config.get("REVISION"),
         fingerprint=True,
     )
+    assert fingerprint is not None  # asked for above
 
     cfg = model.config
     family = str(config.get("FAMILY") or "")

@@ -193,16 +193,20 @@ class _Pass:
     results: dict[int, Outcome] = field(default_factory=dict)
 
     def finish(self) -> list[tuple[int, Outcome]]:
+        """Wait for this pass, then unpack its rows (non-finite ones re-run in float32)."""
+        error: BaseException | None = None
         try:
             if self.event is not None:
                 self.event.synchronize()
             finite = self.flags.tolist()
         except Exception as exc:  # an asynchronous device error, raised at the wait
+            error = exc
+        if error is not None:
             _recover(
-                self.ae, self.job, self.shape, self.indices, self.x, self.tiled, self.results, exc
+                self.ae, self.job, self.shape, self.indices, self.x, self.tiled, self.results, error
             )
-            return sorted(self.results.items())
-        _settle(self, finite)
+        else:
+            _settle(self, finite)
         return sorted(self.results.items())
 
 
@@ -344,9 +348,6 @@ def _forward(
     error: BaseException | None = None
     try:
         launched = _start(ae, job, shape, indices, x, tiled, results)
-        if launched.event is not None:
-            launched.event.synchronize()
-        finite = launched.flags.tolist()
     except Exception as exc:
         error = exc
         if is_out_of_memory(exc):
@@ -355,7 +356,7 @@ def _forward(
         # Outside the except block, so the interpreter no longer holds the failed pass either.
         _recover(ae, job, shape, indices, x, tiled, results, error)
         return
-    _settle(launched, finite)
+    launched.finish()
 
 
 def _settle(launched: _Pass, finite: list[bool]) -> None:
