@@ -266,28 +266,17 @@ def _launch(
     def settled() -> list[tuple[int, Outcome]]:
         return sorted(results.items())
 
-    stack_error = stacked[1] if stacked is not None else None
-    if stacked is None or stack_error is not None:
+    if stacked is None or stacked[1] is not None:
+        stack_error = stacked[1] if stacked is not None else None
 
-        def bisect_stack() -> list[tuple[int, Outcome]]:
-            if len(indices) == 1:
-                results[indices[0]] = Outcome(error=stack_error)
-            else:
-                extra: deque = deque()
-                half = len(indices) // 2
-                _run_batch(ae, job, shape, indices[:half], results, extra)
-                _run_batch(ae, job, shape, indices[half:], results, extra)
-                moved.extend(Batch(s, i, 1) for s, i in extra)
+        def bisect() -> list[tuple[int, Outcome]]:
+            _bisect_stack(ae, job, shape, indices, results, moved, stack_error)
             return settled()
 
-        return bisect_stack
+        return bisect
 
     x, failed, wrong = stacked[0]
-    for index, exc in failed.items():
-        results[index] = Outcome(error=exc)
-    for index, real in wrong.items():
-        moved.append(Batch(real, [index], 1))
-    live = [i for i in indices if i not in failed and i not in wrong]
+    live = _triage(indices, failed, wrong, results, moved)
     if not live or x is None:
         return settled
     tiled = ae.should_tile(shape[1], shape[0])
@@ -307,30 +296,55 @@ def _launch(
     return recover
 
 
+def _triage(
+    indices: list[int],
+    failed: dict[int, BaseException],
+    wrong: dict[int, tuple[int, int]],
+    results: dict[int, Outcome],
+    moved: deque[Batch],
+) -> list[int]:
+    """Record the items that failed to load, send those of another real shape to a batch of
+    their own, and return the rest (the rows of the stacked batch)."""
+    for index, exc in failed.items():
+        results[index] = Outcome(error=exc)
+    for index, real in wrong.items():
+        moved.append(Batch(real, [index], 1))
+    return [i for i in indices if i not in failed and i not in wrong]
+
+
+def _bisect_stack(
+    ae: LoadedAutoencoder,
+    job: Job,
+    shape: tuple[int, int],
+    indices: list[int],
+    results: dict[int, Outcome],
+    moved: deque[Batch],
+    exc: BaseException | None,
+) -> None:
+    """Stacking the batch raised: run each half on its own, down to the item that raises."""
+    if len(indices) == 1:
+        results[indices[0]] = Outcome(error=exc)
+        return
+    half = len(indices) // 2
+    _run_batch(ae, job, shape, indices[:half], results, moved)
+    _run_batch(ae, job, shape, indices[half:], results, moved)
+
+
 def _run_batch(
     ae: LoadedAutoencoder,
     job: Job,
     shape: tuple[int, int],
     indices: list[int],
     results: dict[int, Outcome],
-    work: deque,
+    moved: deque[Batch],
 ) -> None:
     """Stack and run one batch synchronously (bisections and float32 re-runs)."""
     try:
-        x, failed, moved = job.stack(indices, ae)
+        x, failed, wrong = job.stack(indices, ae)
     except Exception as exc:
-        if len(indices) == 1:
-            results[indices[0]] = Outcome(error=exc)
-            return
-        half = len(indices) // 2
-        _run_batch(ae, job, shape, indices[:half], results, work)
-        _run_batch(ae, job, shape, indices[half:], results, work)
+        _bisect_stack(ae, job, shape, indices, results, moved, exc)
         return
-    for index, exc in failed.items():
-        results[index] = Outcome(error=exc)
-    for index, real in moved.items():
-        work.append((real, [index]))
-    live = [i for i in indices if i not in failed and i not in moved]
+    live = _triage(indices, failed, wrong, results, moved)
     if live and x is not None:
         _forward(ae, job, shape, live, x, ae.should_tile(shape[1], shape[0]), results)
 
@@ -467,9 +481,9 @@ def _rerun_in_float32(
         return
     rerun: dict[int, Outcome] = {}
     for index in indices:  # rare: one at a time keeps the float32 pass's memory small
-        work: deque = deque([(shape, [index])])
+        work: deque[Batch] = deque([Batch(shape, [index], 1)])
         while work:
-            real, batch = work.popleft()
+            real, batch, _size = work.popleft()
             _run_batch(twin, job, real, batch, rerun, work)
     for index in indices:
         outcome = rerun.get(index) or Outcome(error=non_finite())
