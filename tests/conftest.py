@@ -36,6 +36,24 @@ def other_vae_dir(tmp_path_factory):
     return save_tiny_autoencoder(tmp_path_factory.mktemp("other-vae"), seed=1)
 
 
+def ls_small_entry(path=None) -> dict:
+    """An ``AUTOENCODERS`` entry for the shipped ls-small weights (or an ls-small model saved at
+    ``path``), float32 on the CPU."""
+    from workers.pretrained import LS_SMALL
+
+    return {
+        "PRETRAINED": str(path or LS_SMALL),
+        "FAMILY": "ls-small",
+        "DTYPE": "float32",
+        "DEVICE": "cpu",
+    }
+
+
+def shipped_config(**extra) -> dict:
+    """``LATENTSTORE`` with the shipped ls-small as the default autoencoder, plus ``extra``."""
+    return {"AUTOENCODERS": {"default": ls_small_entry()}, **extra}
+
+
 def latentstore_config(vae_dir, **extra):
     return {
         "AUTOENCODERS": {
@@ -180,6 +198,14 @@ def worker_env(settings, tmp_path):
     return make
 
 
+def reset_broker_pools() -> None:
+    """Drop the Celery app's pooled broker connections (after the broker URL or server changed)."""
+    from project.celery import app
+
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
 @contextlib.contextmanager
 def broker_unreachable(url: str = "redis://127.0.0.1:1/0"):
     """Point the project's Celery app at a port where nothing listens, connection pools included.
@@ -189,18 +215,14 @@ def broker_unreachable(url: str = "redis://127.0.0.1:1/0"):
     """
     from project.celery import app
 
-    def reset_pools() -> None:
-        app._pool = None
-        app.amqp._producer_pool = None
-
     old = app.conf.broker_url
     app.conf.broker_url = url
-    reset_pools()
+    reset_broker_pools()
     try:
         yield app
     finally:
         app.conf.broker_url = old
-        reset_pools()
+        reset_broker_pools()
 
 
 @pytest.fixture

@@ -146,8 +146,6 @@ class WorkerProcess:
         self.log = Path(env.get("LATENTSTORE_VAR_DIR", "/tmp")) / f"worker-{name}.log"
 
     def start(self) -> WorkerProcess:
-        if self.proc is not None:  # started already (``with WorkerProcess(...).start()``)
-            return self
         self.log.parent.mkdir(parents=True, exist_ok=True)
         # With a fault, tests.fault_worker injects it and then runs the same worker.
         launcher = ["tests.fault_worker"] if self.fault else ["celery", "-A", "project"]
@@ -204,7 +202,14 @@ class WorkerProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def __enter__(self) -> WorkerProcess:
-        return self.start()
+        """Start the worker and wait until it consumes (stopped again if it never does)."""
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +28,6 @@ from workers.codec import encode_images
 pytestmark = pytest.mark.django_db(transaction=True)
 
 LABEL = "demo.Photo"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_all(photos, states=("ready", "failed"), timeout=90.0):

@@ -74,8 +74,10 @@ def test_decode_many_sizes_and_errors_per_item():
     assert twice[0] == twice[1] and Image.open(io.BytesIO(twice[0])).size == (10, 6)
 
 
-@requires_redis
-def test_decode_many_on_workers_sends_batch_tasks(settings, tiny_vae_dir, celery_worker):
+@pytest.fixture
+def worker_decodes(settings, tiny_vae_dir, celery_worker):
+    """Decodes run on a real worker (``RUN: "worker"``) through the Redis cache; returns a
+    maker of photos encoded by that worker."""
     settings.LATENTSTORE = latentstore_config(
         tiny_vae_dir,
         CACHE="redis",
@@ -84,49 +86,43 @@ def test_decode_many_on_workers_sends_batch_tasks(settings, tiny_vae_dir, celery
             "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}}
         },
     )
-    try:
+
+    def encoded(count: int, prefix: str) -> list[Photo]:
         photos = [
             Photo.objects.create(
-                title=f"w{i}", image=image_bytes(make_test_image(40, 24, seed=i), "PNG")
+                title=f"{prefix}{i}", image=image_bytes(make_test_image(40, 24, seed=i), "PNG")
             )
-            for i in range(3)
+            for i in range(count)
         ]
         wait_all(photos)
-        ae = load_autoencoder("default")
-        with watch(ae.model.decoder) as shapes:
-            pictures = decode_many([p.image for p in photos], size=20)
-        assert sorted(s[0] for s in shapes) == [1, 2]  # DECODE_BATCH_SIZE rows per task
-        assert [Image.open(io.BytesIO(d)).size for d in pictures] == [(20, 12)] * 3
-        Photo.objects.filter(pk=photos[0].pk).update(image_digest="gone")  # a miss again
-        photos[0].refresh_from_db()
-        Photo.objects.filter(pk=photos[0].pk).delete()
-        (missing,) = decode_many([photos[0].image], size=20, return_exceptions=True)
-        assert "does not exist" in str(missing)
+        return photos
+
+    try:
+        yield encoded
     finally:
         caches["redis"].clear()
 
 
 @requires_redis
-def test_a_stale_worker_error_does_not_answer_a_new_batch(settings, tiny_vae_dir, celery_worker):
-    settings.LATENTSTORE = latentstore_config(
-        tiny_vae_dir,
-        CACHE="redis",
-        DECODERS={
-            "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}}
-        },
-    )
-    try:
-        photos = [
-            Photo.objects.create(
-                title=f"s{i}", image=image_bytes(make_test_image(40, 24, seed=i), "PNG")
-            )
-            for i in range(2)
-        ]
-        wait_all(photos)
-        key, _ = key_for(photos[0].image, "default", 20, "PNG")
-        caches["redis"].set(key + ":error", "RuntimeError: a failure of an earlier attempt", 60)
-        pictures = decode_many([p.image for p in photos], size=20, return_exceptions=True)
-        assert not any(isinstance(d, Exception) for d in pictures), pictures
-        assert [Image.open(io.BytesIO(d)).size for d in pictures] == [(20, 12)] * 2
-    finally:
-        caches["redis"].clear()
+def test_decode_many_on_workers_sends_batch_tasks(worker_decodes):
+    photos = worker_decodes(3, "w")
+    ae = load_autoencoder("default")
+    with watch(ae.model.decoder) as shapes:
+        pictures = decode_many([p.image for p in photos], size=20)
+    assert sorted(s[0] for s in shapes) == [1, 2]  # DECODE_BATCH_SIZE rows per task
+    assert [Image.open(io.BytesIO(d)).size for d in pictures] == [(20, 12)] * 3
+    Photo.objects.filter(pk=photos[0].pk).update(image_digest="gone")  # a miss again
+    photos[0].refresh_from_db()
+    Photo.objects.filter(pk=photos[0].pk).delete()
+    (missing,) = decode_many([photos[0].image], size=20, return_exceptions=True)
+    assert "does not exist" in str(missing)
+
+
+@requires_redis
+def test_a_stale_worker_error_does_not_answer_a_new_batch(worker_decodes):
+    photos = worker_decodes(2, "s")
+    key, _ = key_for(photos[0].image, "default", 20, "PNG")
+    caches["redis"].set(key + ":error", "RuntimeError: a failure of an earlier attempt", 60)
+    pictures = decode_many([p.image for p in photos], size=20, return_exceptions=True)
+    assert not any(isinstance(d, Exception) for d in pictures), pictures
+    assert [Image.open(io.BytesIO(d)).size for d in pictures] == [(20, 12)] * 2

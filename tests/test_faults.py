@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,21 +30,23 @@ from latentstore import encoding
 from latentstore.broker import queue_depths
 from latentstore.latents import LatentFormatError
 from project.models import Photo
-from tests.conftest import broker_unreachable, requires_postgres, requires_redis
+from tests.conftest import (
+    broker_unreachable,
+    requires_postgres,
+    requires_redis,
+    reset_broker_pools,
+)
 from tests.fault_worker import POISON_MESSAGE
 from tests.faults import WorkerProcess, proxied, wait_until
 from tests.robustness import FAULTS
-from tests.test_batch_tasks import blob_write_counter
+from tests.settings import _reachable
+from tests.test_batch_tasks import blob_write_counter, png
 from tests.test_field import encode_now
-from tests.tiny import image_bytes, make_test_image
+from tests.tiny import image_bytes
 
 pytestmark = [pytest.mark.django_db(transaction=True), requires_postgres, requires_redis]
 
 LABEL = "demo.Photo"
-
-
-def png(size=(40, 24), seed=0) -> bytes:
-    return image_bytes(make_test_image(*size, seed=seed), "PNG")
 
 
 def magenta(size=(40, 24)) -> bytes:
@@ -129,8 +130,7 @@ def test_worker_killed_mid_batch_the_rows_are_swept_and_encoded_once(
         finally:
             doomed.kill9()
         assert writes() == {}
-        with WorkerProcess(worker_env(), "rescuer").start() as rescuer:
-            rescuer.wait_ready()
+        with WorkerProcess(worker_env(), "rescuer"):
             # The killed worker's message stays unacknowledged in Redis (until its visibility
             # timeout); the sweeper finds the expired leases long before that.
             fresh = settle(photos, sweep_every=1.0)
@@ -157,11 +157,7 @@ REDIS_START = [
 
 
 def _redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    return _reachable(6379)
 
 
 def restart_redis() -> None:
@@ -185,13 +181,6 @@ def start_redis() -> None:
     wait_until(_redis_up, timeout=10, what="Redis to start")
 
 
-def reset_broker_pools() -> None:
-    from project.celery import app
-
-    app._pool = None
-    app.amqp._producer_pool = None
-
-
 def test_redis_restarted_without_persistence_the_sweeper_requeues(
     broker, fault_settings, worker_env, robustness
 ):
@@ -209,8 +198,7 @@ def test_redis_restarted_without_persistence_the_sweeper_requeues(
     assert after.messages == 0, "the restart emptied the queue"
     assert states(photos) == ["pending"] * 3
     time.sleep(1.2)  # past the lease
-    with WorkerProcess(worker_env(), "after-restart").start() as worker:
-        worker.wait_ready()
+    with WorkerProcess(worker_env(), "after-restart"):
         fresh = settle(photos, sweep_every=1.0)
     assert [p.image_state for p in fresh] == ["ready"] * 3
     record(
@@ -235,8 +223,7 @@ def test_broker_down_at_save_the_row_waits_and_the_sweeper_enqueues_it(
     assert "Could not enqueue the encode" in caplog.text and "sweeper will retry" in caplog.text
     assert broker("latents.encode") == [], "nothing reached the real broker"
     time.sleep(1.2)
-    with WorkerProcess(worker_env(), "back").start() as worker:
-        worker.wait_ready()
+    with WorkerProcess(worker_env(), "back"):
         (fresh,) = settle([photo], sweep_every=1.0)
     assert fresh.image_state == "ready" and fresh.image_attempts == 1
     record(
@@ -295,8 +282,7 @@ def test_reupload_while_encoding_keeps_only_the_newest(
 ):
     fault_settings(ENCODE_BATCH_SIZE=1)
     with blob_write_counter() as writes:
-        with WorkerProcess(worker_env(), "slow", fault="slow:2").start() as worker:
-            worker.wait_ready()
+        with WorkerProcess(worker_env(), "slow", fault="slow:2") as worker:
             photo = Photo.objects.create(title="v1", image=png((40, 24), seed=1))
             wait_until(lambda: states([photo]) == ["encoding"], what="v1 to be claimed")
             photo.image = png((64, 48), seed=2)
@@ -324,8 +310,7 @@ def test_poison_item_fails_after_the_cap_and_the_worker_lives(
     fault_settings(ENCODE_BATCH_SIZE=4, MAX_ATTEMPTS=3, RETRY_DELAYS=[0.2])
     good = saved_without_messages([png(seed=i) for i in range(3)])
     (poison,) = saved_without_messages([magenta()])
-    with WorkerProcess(worker_env(), "poisoned", fault="poison").start() as worker:
-        worker.wait_ready()
+    with WorkerProcess(worker_env(), "poisoned", fault="poison") as worker:
         encoding.enqueue_encode_batch(LABEL, "image", pointers([*good, poison]))
         fresh = settle([*good, poison])
         assert worker.alive(), "the worker survived the poison"
@@ -357,8 +342,7 @@ def test_database_cut_during_write_back_is_retried(broker, fault_settings, worke
     with proxied(int(connection.settings_dict["PORT"] or 5432)) as proxy:
         env = worker_env(LATENTSTORE_TEST_DB_PORT=str(proxy.port))
         with blob_write_counter() as writes:
-            with WorkerProcess(env, "cut", fault="slow:2").start() as worker:
-                worker.wait_ready()
+            with WorkerProcess(env, "cut", fault="slow:2") as worker:
                 photo = Photo.objects.create(title="cut", image=png())
                 wait_until(lambda: states([photo]) == ["encoding"], what="the claim")
                 proxy.cut()  # while the batch is on the "device": its write-back finds no DB

@@ -27,8 +27,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def encode_now(obj, field="image"):
     """Run the real encode task in this process for a saved row."""
     token = getattr(obj, f"{field}_token")
-    worker_tasks.encode.apply(args=[obj._meta.label, obj.pk, field, str(token)])
+    result = worker_tasks.encode.apply(args=[obj._meta.label, obj.pk, field, str(token)])
     getattr(obj, field).refresh()
+    return result.get()
 
 
 def test_save_stages_the_upload_and_sends_only_pointers_on_commit(broker, png_bytes):

@@ -127,12 +127,13 @@ def test_int8_halves_the_payload_and_uses_the_full_range():
     assert len(head["quant"]["scale"]) == len(head["quant"]["offset"]) == 4
 
 
-def test_int8_constant_channel_is_exact():
+@pytest.mark.parametrize("dtype, value", [("int8", 2.75), ("int4", -7.5)])
+def test_quantised_constant_channel_is_exact(dtype, value):
     x = sd_latents((3, 4, 5))
-    x[1] = 2.75  # hi == lo: no division by zero, exact read-back
+    x[1] = value  # hi == lo: no division by zero, exact read-back
     x[2] = 0.0
-    _, y = unpack(pack(x, dtype="int8", **kwargs(x.shape)))
-    assert (y[1] == 2.75).all() and (y[2] == 0.0).all()
+    _, y = unpack(pack(x, dtype=dtype, **kwargs(x.shape)))
+    assert (y[1] == value).all() and (y[2] == 0.0).all()
     assert np.isfinite(y).all()
 
 
@@ -179,14 +180,6 @@ def test_int4_odd_count_pads_a_zero_nibble_and_checks_it():
         unpack(forge(head, bytes(bad)))
     with pytest.raises(LatentFormatError, match="truncated"):
         unpack(forge(head, payload[:-1]))
-
-
-def test_int4_constant_channel_is_exact():
-    x = sd_latents((3, 4, 5))
-    x[1] = -7.5
-    x[2] = 0.0
-    _, y = unpack(pack(x, dtype="int4", **kwargs(x.shape)))
-    assert (y[1] == -7.5).all() and (y[2] == 0.0).all()
 
 
 def test_int4_quant_must_be_well_formed():
@@ -674,38 +667,23 @@ def test_property_float16_round_trip(case):
     assert blob_digest(blob) == blob_digest(pack(x.copy(), **kw))
 
 
+@pytest.mark.parametrize("dtype, levels", [("int8", 255), ("int4", 15)])
 @settings(max_examples=200, deadline=None)
 @given(latent_cases())
-def test_property_int8_error_bound(case):
+def test_property_quantised_error_bound(dtype, levels, case):
     x, kw = case
-    header, y = unpack(pack(x, dtype="int8", **kw))
-    assert header.dtype == "int8"
+    header, y = unpack(pack(x, dtype=dtype, **kw))
+    assert header.dtype == dtype
     assert np.isfinite(y).all()
     xd = x.astype(np.float64)
     lo, hi = xd.min(axis=(1, 2)), xd.max(axis=(1, 2))
-    half_step = (hi - lo) / 510.0
+    half_step = (hi - lo) / (2 * levels)
     # float32 arithmetic: rounding (x - lo) / scale can be off by ~1e-4 of a step, and the
     # read-back adds a few ulps of the channel's magnitude.
     f32 = np.finfo(np.float32)
     slack = 4 * f32.eps * np.maximum(np.abs(lo), np.abs(hi)) + 2 * f32.smallest_subnormal
     # A range too small for a normal float32 step is stored as a constant channel.
-    bound = np.where(hi - lo < 255 * f32.tiny, hi - lo, half_step * (1 + 1e-3)) + slack
-    err = np.abs(y - xd).max(axis=(1, 2))
-    assert np.all(err <= bound), (err, bound)
-
-
-@settings(max_examples=200, deadline=None)
-@given(latent_cases())
-def test_property_int4_error_bound(case):
-    x, kw = case
-    header, y = unpack(pack(x, dtype="int4", **kw))
-    assert header.dtype == "int4"
-    assert np.isfinite(y).all()
-    xd = x.astype(np.float64)
-    lo, hi = xd.min(axis=(1, 2)), xd.max(axis=(1, 2))
-    f32 = np.finfo(np.float32)
-    slack = 4 * f32.eps * np.maximum(np.abs(lo), np.abs(hi)) + 2 * f32.smallest_subnormal
-    bound = np.where(hi - lo < 15 * f32.tiny, hi - lo, (hi - lo) / 30.0 * (1 + 1e-3)) + slack
+    bound = np.where(hi - lo < levels * f32.tiny, hi - lo, half_step * (1 + 1e-3)) + slack
     err = np.abs(y - xd).max(axis=(1, 2))
     assert np.all(err <= bound), (err, bound)
 

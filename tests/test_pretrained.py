@@ -19,6 +19,7 @@ from latentstore.families import get_family
 from latentstore.latents import read_header, unpack
 from latentstore.preview import latents_to_rgb
 from latentstore.quality import psnr
+from tests.conftest import ls_small_entry, shipped_config
 from tests.tiny import save_tiny_autoencoder
 from workers.autoencoders import load_autoencoder
 from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY
@@ -30,8 +31,7 @@ CARD = json.loads((LS_SMALL / "training.json").read_text())
 
 @pytest.fixture
 def shipped(settings):
-    entry = {"PRETRAINED": str(LS_SMALL), "FAMILY": "ls-small", "DTYPE": "float32", "DEVICE": "cpu"}
-    settings.LATENTSTORE = {"AUTOENCODERS": {"default": entry}}
+    settings.LATENTSTORE = shipped_config()
     return load_autoencoder("default")
 
 
@@ -122,11 +122,9 @@ def test_trained_model_beats_its_untrained_self_by_a_wide_margin(settings, tmp_p
     untrained_dir = tmp_path / "untrained"
     recipe = Recipe(**CARD["recipe"])  # the shipped architecture, at its seeded initial weights
     initial_model(recipe).save_pretrained(untrained_dir, safe_serialization=True)
-    entries = {
-        alias: {"PRETRAINED": str(path), "FAMILY": "ls-small", "DTYPE": "float32", "DEVICE": "cpu"}
-        for alias, path in (("trained", LS_SMALL), ("untrained", untrained_dir))
+    settings.LATENTSTORE = {
+        "AUTOENCODERS": {"trained": ls_small_entry(), "untrained": ls_small_entry(untrained_dir)}
     }
-    settings.LATENTSTORE = {"AUTOENCODERS": entries}
     trained, untrained = load_autoencoder("trained"), load_autoencoder("untrained")
     assert trained.fingerprint != untrained.fingerprint
     for name, picture in held_out:

@@ -19,25 +19,12 @@ from latentstore.checks import check_settings
 from latentstore.fields import LatentImageField
 from latentstore.quality import MAX_PSNR, QualityPolicy, low_fidelity, psnr
 from project.models import Photo
-from tests.conftest import latentstore_config
+from tests.conftest import latentstore_config, shipped_config
+from tests.test_field import encode_now
 from tests.tiny import image_bytes, make_test_image
 from workers import tasks as worker_tasks
-from workers.pretrained import LS_SMALL
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def shipped_config(**extra) -> dict:
-    entry = {"PRETRAINED": str(LS_SMALL), "FAMILY": "ls-small", "DTYPE": "float32", "DEVICE": "cpu"}
-    return {"AUTOENCODERS": {"default": entry}, **extra}
-
-
-def encode_now(obj, field="image"):
-    """Run the real encode task in this process for a saved row."""
-    token = getattr(obj, f"{field}_token")
-    result = worker_tasks.encode.apply(args=[obj._meta.label, obj.pk, field, str(token)])
-    getattr(obj, field).refresh()
-    return result.get()
 
 
 def natural_png(width=96, height=64) -> bytes:
