@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -149,10 +149,8 @@ def stream(
             return None, exc
 
     in_flight: _Pass | None = None
-    batch = pull()
-    stacked = stack(batch) if batch is not None else None
-    while batch is not None:
-        current = _launch(ae, job, batch, stacked, moved)
+    while (batch := pull()) is not None:
+        current = _launch(ae, job, batch, stack(batch), moved)
         if in_flight is not None:
             yield in_flight.finish()  # waits for the previous batch only
             in_flight = None
@@ -160,8 +158,6 @@ def stream(
             in_flight = current
         else:  # nothing went to the device: settle it now, in its turn
             yield current()
-        batch = pull()
-        stacked = stack(batch) if batch is not None else None
     if in_flight is not None:
         yield in_flight.finish()
 
@@ -190,7 +186,7 @@ class _Pass:
     host: Any
     flags: torch.Tensor  # per row: all outputs finite (on the host once ``event`` is done)
     event: Any  # torch.cuda.Event after the copies, or None where copies are synchronous
-    results: dict[int, Outcome] = field(default_factory=dict)
+    results: dict[int, Outcome]  # the batch's outcomes so far (items that failed to load)
 
     def finish(self) -> list[tuple[int, Outcome]]:
         """Wait for this pass, then unpack its rows (non-finite ones re-run in float32)."""
@@ -237,6 +233,27 @@ def _start(
     return _Pass(ae, job, shape, indices, x, tiled, host, flags, event, results)
 
 
+def _try_start(
+    ae: LoadedAutoencoder,
+    job: Job,
+    shape: tuple[int, int],
+    indices: list[int],
+    x: torch.Tensor,
+    tiled: bool,
+    results: dict[int, Outcome],
+    pad_to: int = 0,
+) -> _Pass | BaseException:
+    """:func:`_start`, or the exception its launch raised (for :func:`_recover`)."""
+    try:
+        return _start(ae, job, shape, indices, x, tiled, results, pad_to)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            # The traceback's frames hold the failed pass's activations: drop them before the
+            # retry needs the memory.
+            exc.__traceback__ = None
+        return exc
+
+
 def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``x`` with copies of its last row appended up to ``rows``, in ``x``'s memory layout."""
     channels_last = (
@@ -256,7 +273,7 @@ def _launch(
     ae: LoadedAutoencoder,
     job: Job,
     batch: Batch,
-    stacked: tuple[Any, BaseException | None] | None,
+    stacked: tuple[Any, BaseException | None],
     moved: deque[Batch],
 ) -> _Pass | Callable[[], list[tuple[int, Outcome]]]:
     """Launch ``batch``; or, when it cannot go to the device as a whole, how to settle it."""
@@ -266,8 +283,8 @@ def _launch(
     def settled() -> list[tuple[int, Outcome]]:
         return sorted(results.items())
 
-    if stacked is None or stacked[1] is not None:
-        stack_error = stacked[1] if stacked is not None else None
+    stack_error = stacked[1]
+    if stack_error is not None:
 
         def bisect() -> list[tuple[int, Outcome]]:
             _bisect_stack(ae, job, shape, indices, results, moved, stack_error)
@@ -280,14 +297,10 @@ def _launch(
     if not live or x is None:
         return settled
     tiled = ae.should_tile(shape[1], shape[0])
-    try:
-        return _start(ae, job, shape, live, x, tiled, results, size if ae.compiled else 0)
-    except Exception as exc:
-        if is_out_of_memory(exc):
-            # The traceback's frames hold the failed pass's activations: drop them before the
-            # retry needs the memory.
-            exc.__traceback__ = None
-        error = exc
+    launched = _try_start(ae, job, shape, live, x, tiled, results, size if ae.compiled else 0)
+    if isinstance(launched, _Pass):
+        return launched
+    error = launched
 
     def recover() -> list[tuple[int, Outcome]]:
         _recover(ae, job, shape, live, x, tiled, results, error)
@@ -359,18 +372,11 @@ def _forward(
     results: dict[int, Outcome],
 ) -> None:
     """One forward pass, waited for (the recovery paths run one pass at a time)."""
-    error: BaseException | None = None
-    try:
-        launched = _start(ae, job, shape, indices, x, tiled, results)
-    except Exception as exc:
-        error = exc
-        if is_out_of_memory(exc):
-            error.__traceback__ = None
-    if error is not None:
-        # Outside the except block, so the interpreter no longer holds the failed pass either.
-        _recover(ae, job, shape, indices, x, tiled, results, error)
-        return
-    launched.finish()
+    launched = _try_start(ae, job, shape, indices, x, tiled, results)
+    if isinstance(launched, _Pass):
+        launched.finish()
+    else:
+        _recover(ae, job, shape, indices, x, tiled, results, launched)
 
 
 def _settle(launched: _Pass, finite: list[bool]) -> None:

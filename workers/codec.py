@@ -26,7 +26,7 @@ from latentstore import conf
 from workers import batching
 from workers.autoencoders import LoadedAutoencoder
 from workers.batching import NonFinite, Outcome
-from workers.images import padding_for
+from workers.images import padding_for, to_uint8
 
 __all__ = [
     "NonFiniteImage",
@@ -79,17 +79,11 @@ def _layout(ae: LoadedAutoencoder) -> torch.memory_format:
 class _EncodeJob:
     operation = "encode"
 
-    def __init__(
-        self,
-        pictures: Sequence[Picture],
-        sizes: Sequence[tuple[int, int]] | None,
-        downsample: int,
-    ) -> None:
-        self.sources: list[Picture | None] = []
+    def __init__(self, downsample: int) -> None:
+        self.sources: list[Picture | None] = []  # grows with add(); None once forgotten
         self.sizes: list[tuple[int, int] | None] = []
         self.downsample = downsample
         self.loaded: dict[int, Image.Image] = {}
-        self.add(pictures, sizes)
 
     def add(self, pictures: Sequence[Picture], sizes: Sequence[tuple[int, int]] | None) -> range:
         """Append pictures (a stream grows as rows are claimed); return their indices."""
@@ -205,9 +199,7 @@ class _DecodeJob:
         return ae.model.decode(z).sample
 
     def download(self, output: torch.Tensor) -> torch.Tensor:
-        # The same arithmetic as images.to_pil, on the device; one transfer of uint8 pixels.
-        pixels = output.to(torch.float32).clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
-        pixels = pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        pixels = to_uint8(output).permute(0, 2, 3, 1).contiguous()  # on the device
         return pixels.to("cpu", non_blocking=pixels.is_cuda)
 
     def unpack(
@@ -257,7 +249,7 @@ def iter_encode_stream(
     busy with the batch before it, so ``chunks`` may be a generator that waits for the next
     claimed rows: one stream keeps the device fed across them.
     """
-    job = _EncodeJob([], None, ae.downsample)
+    job = _EncodeJob(ae.downsample)
 
     def batches() -> Iterator[batching.Batch]:
         for pictures, sizes, max_batch in chunks:

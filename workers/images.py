@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["padding_for", "to_pil", "to_tensor"]
+__all__ = ["padding_for", "to_pil", "to_tensor", "to_uint8"]
 
 
 def padding_for(width: int, height: int, downsample: int) -> tuple[int, int]:
@@ -56,9 +56,14 @@ def to_pil(x: torch.Tensor, width: int, height: int) -> Image.Image:
         raise ValueError(
             f"cannot crop {width}x{height} from a {x.shape[2]}x{x.shape[1]} decoded image"
         )
-    x = x[:, :height, :width].detach()
-    # Quantised where the tensor is, as codec's batched decode does: from a GPU, one copy of
-    # uint8 pixels is a quarter of the bytes of float32 ones.
-    pixels = x.to(torch.float32).clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
-    pixels = pixels.permute(1, 2, 0).contiguous().to("cpu")
+    pixels = to_uint8(x[:, :height, :width].detach()).permute(1, 2, 0).contiguous().to("cpu")
     return Image.fromarray(pixels.numpy())  # uint8 HxWx3: RGB
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output in [-1, 1] as 8-bit pixel values (clipped, rounded half to even).
+
+    Computed where the tensor is: from a GPU, one copy of uint8 pixels is a quarter of the
+    bytes of float32 ones.
+    """
+    return x.to(torch.float32).clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)

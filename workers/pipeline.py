@@ -340,7 +340,7 @@ class EncodeRun:
         the latents are fine, only their score is unknown. With ``keep_original="low_fidelity"``
         such a row keeps its original, since nobody could show it is faithful.
         """
-        from workers.quality import gate_many
+        from workers.quality import round_trip_psnrs
 
         def unmeasured(done: _Done, exc: BaseException) -> None:
             logger.warning(
@@ -359,16 +359,27 @@ class EncodeRun:
             except Exception as exc:
                 unmeasured(done, exc)
         try:
-            results = gate_many(
-                ae, pictures, [d.blob for d in measurable], [d.claim.quality for d in measurable]
-            )
+            results = round_trip_psnrs(ae, pictures, [d.blob for d in measurable])
         except Exception as exc:  # the decoder itself failed: no measurement for any of them
             results = [exc] * len(measurable)
-        for done, result in zip(measurable, results, strict=True):
+        for done, picture, result in zip(measurable, pictures, results, strict=True):
             if isinstance(result, BaseException):
                 unmeasured(done, result)
-            else:
-                done.psnr = result.psnr
+                continue
+            done.psnr = result
+            policy = done.claim.quality
+            if policy.is_low_fidelity(result):
+                logger.info(
+                    "Low-fidelity encode of %s pk=%s: %.2f dB round-trip PSNR, below %.2f dB "
+                    "(%dx%d, %s)",
+                    done.claim.label,
+                    done.claim.pk,
+                    result,
+                    policy.min_psnr,
+                    picture.width,
+                    picture.height,
+                    ae.alias,
+                )
 
     def record(self, claim: Claim, fate: str) -> None:
         with self.lock:

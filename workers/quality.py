@@ -1,11 +1,11 @@
 """The encode-time quality gate: decode what was just stored and measure it against the input.
 
-The worker calls :func:`gate` right after packing a blob when the field's
-:class:`latentstore.quality.QualityPolicy` asks for it: the blob is unpacked (so the storage
-dtype's rounding counts), decoded by the same autoencoder, cropped to the picture's size and
-compared with the preprocessed input (the RGB picture the encoder saw, after EXIF and the RGB
-policy) by PSNR. :func:`measure_round_trip` is the same measurement for a bare
-``AutoencoderKL`` (training, the quality report, tests).
+The worker calls :func:`round_trip_psnrs` for a batch's fresh blobs when the field's
+:class:`latentstore.quality.QualityPolicy` asks for it: each blob is unpacked (so the storage
+dtype's rounding counts), decoded by the same autoencoder (batched), cropped to the picture's
+size and compared with the preprocessed input (the RGB picture the encoder saw, after EXIF and
+the RGB policy) by PSNR; the policy then says what is low-fidelity. :func:`measure_round_trip`
+is the same measurement for a bare ``AutoencoderKL`` (training, the quality report, tests).
 """
 
 from __future__ import annotations
@@ -21,31 +21,20 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from latentstore.latents import unpack
-from latentstore.quality import QualityPolicy, psnr
+from latentstore.quality import psnr
 from workers.autoencoders import LoadedAutoencoder, _latent_factors
 from workers.batching import NonFinite
 from workers.codec import decode_latents, decode_many, encode_images
 
 __all__ = [
-    "GateResult",
     "RoundTrip",
-    "gate",
-    "gate_many",
     "measure_round_trip",
-    "round_trip_psnr",
+    "measure_round_trips",
     "round_trip_psnrs",
     "wrap",
 ]
 
 logger = logging.getLogger("workers.quality")
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """The gate's measurement and verdict for one stored blob."""
-
-    psnr: float
-    low_fidelity: bool
 
 
 def round_trip_psnrs(
@@ -71,52 +60,6 @@ def round_trip_psnrs(
         else:
             results.append(psnr(picture, outcome.value))
     return results
-
-
-def round_trip_psnr(ae: LoadedAutoencoder, picture: Image.Image, blob: bytes) -> float:
-    """PSNR (dB) of ``picture`` against the decode of ``blob``, the latents stored for it."""
-    (result,) = round_trip_psnrs(ae, [picture], [blob])
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
-def gate_many(
-    ae: LoadedAutoencoder,
-    pictures: Sequence[Image.Image],
-    blobs: Sequence[bytes],
-    policies: Sequence[QualityPolicy],
-) -> list[GateResult | Exception]:
-    """Measure fresh blobs (each just encoded from its picture) and say which are low-fidelity."""
-    results: list[GateResult | Exception] = []
-    for picture, value, policy in zip(
-        pictures, round_trip_psnrs(ae, pictures, blobs), policies, strict=True
-    ):
-        if isinstance(value, Exception):
-            results.append(value)
-            continue
-        result = GateResult(psnr=value, low_fidelity=policy.is_low_fidelity(value))
-        if result.low_fidelity:
-            logger.info(
-                "Low-fidelity encode: %.2f dB round-trip PSNR, below %.2f dB (%dx%d, %s)",
-                value,
-                policy.min_psnr,
-                picture.width,
-                picture.height,
-                ae.alias,
-            )
-        results.append(result)
-    return results
-
-
-def gate(
-    ae: LoadedAutoencoder, picture: Image.Image, blob: bytes, policy: QualityPolicy
-) -> GateResult:
-    """Measure ``blob`` (just encoded from ``picture``) and say whether it is low-fidelity."""
-    (result,) = gate_many(ae, [picture], [blob], [policy])
-    if isinstance(result, Exception):
-        raise result
-    return result
 
 
 # model -> (the state of its weights when hashed, their fingerprint). Weak keys: a model is
@@ -198,18 +141,32 @@ def measure_round_trip(
     crop, 8-bit rounding). ``ssim=True`` adds SSIM (scikit-image, Gaussian window, sigma 1.5,
     mean over channels), which needs scikit-image installed.
     """
+    return measure_round_trips(model, picture, (dtype,), ssim=ssim)[dtype]
+
+
+def measure_round_trips(
+    model: AutoencoderKL | LoadedAutoencoder,
+    picture: Image.Image,
+    dtypes: Sequence[str],
+    *,
+    ssim: bool = False,
+) -> dict[str, RoundTrip]:
+    """:func:`measure_round_trip` for several storage dtypes, encoding the picture once."""
     ae = model if isinstance(model, LoadedAutoencoder) else wrap(model)
     (latents,) = encode_images(ae, [picture])
-    blob = ae.pack(latents, picture.width, picture.height, dtype)
-    header, stored = unpack(blob)
-    decoded = decode_latents(ae, stored, header.width, header.height)
-    return RoundTrip(
-        psnr=psnr(picture, decoded),
-        ssim=structural_similarity(picture, decoded) if ssim else None,
-        nbytes=len(blob),
-        blob=blob,
-        decoded=decoded,
-    )
+    trips = {}
+    for dtype in dtypes:
+        blob = ae.pack(latents, picture.width, picture.height, dtype)
+        header, stored = unpack(blob)
+        decoded = decode_latents(ae, stored, header.width, header.height)
+        trips[dtype] = RoundTrip(
+            psnr=psnr(picture, decoded),
+            ssim=structural_similarity(picture, decoded) if ssim else None,
+            nbytes=len(blob),
+            blob=blob,
+            decoded=decoded,
+        )
+    return trips
 
 
 def structural_similarity(reference: Image.Image, test: Image.Image) -> float:

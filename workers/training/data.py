@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,7 +242,3 @@ class CropSampler:
             for _ in range(size)
         ]
         return np.stack(crops)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while True:
-            yield self.batch(16)

@@ -393,8 +393,11 @@ def evaluate_dir(out: Path) -> dict:
     """Measure the *saved* weights on the held-out photos; update the log and the model card."""
     record = json.loads((out / "training.json").read_text())
     recipe = Recipe(**record["recipe"])
-    model = AutoencoderKL.from_pretrained(out, use_safetensors=True, torch_dtype=torch.float32)
-    model.eval().requires_grad_(False)
+    from workers.autoencoders import load_pretrained
+
+    model, _ = load_pretrained(
+        AutoencoderKL, str(out), device=torch.device("cpu"), dtype=torch.float32
+    )
     untrained = initial_model(recipe)  # the trained model's starting point
     untrained.eval().requires_grad_(False)
     record["evaluation"] = evaluate(model, untrained)
@@ -546,14 +549,14 @@ def baseline_psnr(picture: Image.Image, cell: int = 8) -> float:
 
 def evaluate(model: AutoencoderKL, untrained: AutoencoderKL) -> dict:
     """PSNR/SSIM of the held-out photos through the production path, float16 and int8 blobs."""
-    from workers.quality import measure_round_trip
+    from workers.quality import measure_round_trip, measure_round_trips
 
     rows = []
     for name in HELD_OUT:
         picture = load_image(name)
         row: dict = {"image": name, "size": f"{picture.width}x{picture.height}"}
-        for dtype in ("float16", "int8"):
-            result = measure_round_trip(model, picture, dtype=dtype, ssim=True)
+        trips = measure_round_trips(model, picture, ("float16", "int8"), ssim=True)
+        for dtype, result in trips.items():
             row[dtype] = {"psnr": round(result.psnr, 3), "ssim": round(result.ssim, 4)}
         row["untrained_psnr"] = round(measure_round_trip(untrained, picture).psnr, 3)
         row["baseline_psnr"] = round(baseline_psnr(picture), 3)
