@@ -20,6 +20,7 @@ import io
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,32 @@ def encode_classic(picture: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def match_budget(picture: Image.Image, fmt: str, budget: int) -> tuple[int, bytes] | None:
+Encoder = Callable[[Image.Image, str, int], bytes]
+
+
+def memoised(encode: Encoder = encode_classic) -> Encoder:
+    """``encode`` remembering its files: the budget searches of one picture (6 budgets, 2 forms
+    each) and its curve probe the same qualities again and again, and WebP at method 6 is slow.
+    One per picture: the cache holds the picture's files only."""
+    files: dict[tuple[int, str, int], bytes] = {}
+
+    def cached(picture: Image.Image, fmt: str, quality: int) -> bytes:
+        key = (id(picture), fmt, quality)
+        if key not in files:
+            files[key] = encode(picture, fmt, quality)
+        return files[key]
+
+    return cached
+
+
+def match_budget(
+    picture: Image.Image, fmt: str, budget: int, encode: Encoder = encode_classic
+) -> tuple[int, bytes] | None:
     """The highest quality (1..100) whose file fits in ``budget`` bytes (binary search)."""
     lo, hi, best = 1, 100 if fmt == "WEBP" else 95, None
     while lo <= hi:
         mid = (lo + hi) // 2
-        data = encode_classic(picture, fmt, mid)
+        data = encode(picture, fmt, mid)
         if len(data) <= budget:
             best, lo = (mid, data), mid + 1
         else:
@@ -83,9 +104,9 @@ def match_budget(picture: Image.Image, fmt: str, budget: int) -> tuple[int, byte
 
 
 def classic_point(
-    picture: Image.Image, fmt: str, budget: int, ssim_fn
+    picture: Image.Image, fmt: str, budget: int, ssim_fn, encode: Encoder = encode_classic
 ) -> tuple[int, int, float, float]:
-    found = match_budget(picture, fmt, budget)
+    found = match_budget(picture, fmt, budget, encode)
     if found is None:
         return (-1, 0, float("nan"), float("nan"))
     quality, data = found
@@ -93,10 +114,12 @@ def classic_point(
     return (quality, len(data), psnr(picture, decoded), ssim_fn(picture, decoded))
 
 
-def classic_curve(picture: Image.Image, fmt: str) -> list[tuple[int, float]]:
+def classic_curve(
+    picture: Image.Image, fmt: str, encode: Encoder = encode_classic
+) -> list[tuple[int, float]]:
     points = []
     for quality in (5, 10, 20, 30, 40, 50, 60, 70, 80, 90):
-        data = encode_classic(picture, fmt, quality)
+        data = encode(picture, fmt, quality)
         decoded = Image.open(io.BytesIO(data)).convert("RGB")
         points.append((len(data), psnr(picture, decoded)))
     return points
@@ -129,7 +152,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
     curves: dict = {}
     for name, picture in pictures:
         started = time.perf_counter()
-        curves[name] = {fmt: classic_curve(picture, fmt) for fmt in ("JPEG", "WEBP")}
+        encode = memoised()
+        curves[name] = {fmt: classic_curve(picture, fmt, encode) for fmt in ("JPEG", "WEBP")}
         # One encode per picture: the storage forms differ only in how the latents are packed.
         for form, trip in measure_round_trips(ae, picture, LATENT_FORMS, ssim=True).items():
             ssim = trip.ssim
@@ -146,8 +170,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
                         nbytes=nbytes,
                         psnr=trip.psnr,
                         ssim=ssim,
-                        jpeg=classic_point(picture, "JPEG", nbytes, structural_similarity),
-                        webp=classic_point(picture, "WEBP", nbytes, structural_similarity),
+                        jpeg=classic_point(picture, "JPEG", nbytes, structural_similarity, encode),
+                        webp=classic_point(picture, "WEBP", nbytes, structural_similarity, encode),
                     )
                 )
         print(f"  {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
