@@ -33,7 +33,7 @@ from django.utils.safestring import SafeString
 from latentstore import maintenance
 from latentstore.fields import FAILED, READY, LatentImage, LatentImageField, without_blobs
 from latentstore.html import escape, picture_tag, state_badge
-from latentstore.quality import QualityPolicy
+from latentstore.quality import QualityPolicy, low_fidelity_q
 
 THUMBNAIL_COLUMN = "latent_thumbnail"
 
@@ -162,7 +162,7 @@ def quality_filter(field: LatentImageField) -> type[admin.SimpleListFilter]:
             threshold = QualityPolicy.for_field(field).min_psnr
             value = self.value()
             if value == "low":
-                return queryset.filter(**{f"{psnr}__lt": threshold})
+                return queryset.filter(low_fidelity_q(field, threshold))
             if value == "ok":
                 return queryset.filter(**{f"{psnr}__gte": threshold})
             if value == "unmeasured":

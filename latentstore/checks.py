@@ -378,37 +378,24 @@ def _check_worker_settings(settings: dict[str, Any]) -> list[checks.CheckMessage
 
 
 def _check_quality_settings(settings: dict[str, Any]) -> list[checks.CheckMessage]:
-    import math
+    """KEEP_ORIGINAL, QUALITY_CHECK and MIN_PSNR: the rules of a field's options (E030-E033),
+    worded and numbered for the settings, where None is a bad value rather than "unset"."""
+    from latentstore.quality import option_problems
 
-    from latentstore.quality import KEEP_LOW_FIDELITY
-
+    problems = option_problems(
+        settings["KEEP_ORIGINAL"],
+        settings["QUALITY_CHECK"],
+        settings["MIN_PSNR"],
+        unset_allowed=False,
+    )
+    ids = {
+        "keep_original": ("latentstore.E034", None),
+        "quality_check": ("latentstore.E035", None),
+        "min_psnr": ("latentstore.E036", "A PSNR threshold such as 20.0."),
+    }
     errors = []
-    if settings["KEEP_ORIGINAL"] not in (True, False, KEEP_LOW_FIDELITY):
-        errors.append(
-            checks.Error(
-                f"KEEP_ORIGINAL {settings['KEEP_ORIGINAL']!r} is not True, False or "
-                f"{KEEP_LOW_FIDELITY!r}.",
-                id="latentstore.E034",
-            )
-        )
-    if settings["QUALITY_CHECK"] not in (True, False):
-        errors.append(
-            checks.Error(
-                f"QUALITY_CHECK {settings['QUALITY_CHECK']!r} is not True or False.",
-                id="latentstore.E035",
-            )
-        )
-    min_psnr = settings["MIN_PSNR"]
-    if (
-        isinstance(min_psnr, bool)
-        or not isinstance(min_psnr, int | float)
-        or not math.isfinite(min_psnr)
-    ):
-        errors.append(
-            checks.Error(
-                f"MIN_PSNR {min_psnr!r} is not a number of decibels.",
-                id="latentstore.E036",
-                hint="A PSNR threshold such as 20.0.",
-            )
-        )
+    for name, why in problems.items():
+        check_id, hint = ids[name]
+        key = name.upper()
+        errors.append(checks.Error(f"{key} {settings[key]!r} {why}.", hint=hint, id=check_id))
     return errors

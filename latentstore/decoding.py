@@ -196,7 +196,7 @@ def decode_many(
     decoder. Raises the first error, or with ``return_exceptions=True`` returns it in that
     image's place (a listing can then show the others).
     """
-    from latentstore.fields import READY, LatentsNotReady
+    from latentstore.fields import READY, LatentsNotReady, prefetch_blobs
 
     format = normalise_format(format)
     results: list[Any] = [None] * len(images)
@@ -229,9 +229,11 @@ def decode_many(
             pending = [(images[i], key, target) for i, key, target in todo]
             decoded = _decode_on_workers(pending, alias, format, batch=True)
         else:
-            rendered = render_many(
-                [images[i] for i, _k, _t in todo], alias, [t for _i, _k, t in todo], format
-            )
+            misses = [images[i] for i, _k, _t in todo]
+            # Rows listed without their blobs (without_blobs) would otherwise each fetch their
+            # own in render_many's unpack(): one query per model here instead of one per row.
+            prefetch_blobs(misses)
+            rendered = render_many(misses, alias, [t for _i, _k, t in todo], format)
             decoded = dict(zip((key for _i, key, _t in todo), rendered, strict=True))
             cache.set_many(
                 {key: value for key, value in decoded.items() if not isinstance(value, Exception)},
@@ -337,11 +339,6 @@ def decode_image(image: LatentImage, alias: str, size: Any = None, format: str =
 Pending = tuple["LatentImage", str, tuple[int, int]]
 
 
-def _task_pk(instance: Any) -> int | str:
-    # A message carries JSON: a UUID (or other) primary key travels as its string.
-    return instance.pk if isinstance(instance.pk, (int, str)) else str(instance.pk)
-
-
 def _decode_tasks(
     pending: Sequence[Pending], alias: str, format: str, *, batch: bool
 ) -> list[tuple[str, list[Any]]]:
@@ -350,6 +347,9 @@ def _decode_tasks(
     ``batch=False``: one ``DECODE_TASK`` per picture (a warm-up, ``decode()``); ``batch=True``:
     ``DECODE_BATCH_TASK``s, one per model field and ``DECODE_BATCH_SIZE`` pictures.
     """
+    # Here, not at the top: encoding imports the ORM, and this module stays import-light.
+    from latentstore.encoding import _json_pk
+
     settings = conf.get_settings()
     if not batch:
         return [
@@ -357,7 +357,7 @@ def _decode_tasks(
                 settings["DECODE_TASK"],
                 [
                     image.instance._meta.label,
-                    _task_pk(image.instance),
+                    _json_pk(image.instance.pk),
                     image.field.name,
                     alias,
                     list(target),
@@ -376,7 +376,7 @@ def _decode_tasks(
     for (label, field_name), entries in groups.items():
         for start in range(0, len(entries), step):
             items = [
-                [_task_pk(image.instance), list(target), key]
+                [_json_pk(image.instance.pk), list(target), key]
                 for image, key, target in entries[start : start + step]
             ]
             tasks.append((settings["DECODE_BATCH_TASK"], [label, field_name, alias, format, items]))

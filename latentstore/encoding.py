@@ -58,6 +58,7 @@ def get_field(label: str, field_name: str) -> tuple[type[models.Model], LatentIm
 
 
 def _json_pk(pk: Any) -> Any:
+    # A message carries JSON: a UUID (or other) primary key travels as its string.
     return pk if isinstance(pk, (int, str)) else str(pk)
 
 
@@ -443,6 +444,7 @@ def write_back_many(
             if str(pk_field.to_python(claim.pk)) in eligible
         ]
         if chosen:
+            measured = any(item[5] is not None for item in chosen)
 
             def per_row(index: int, output: models.Field) -> Case:
                 return Case(
@@ -464,9 +466,14 @@ def write_back_many(
                             *[When(pk=item[0], then=Value(item[4].autoencoder)) for item in chosen],
                             output_field=models.CharField(),
                         ),
-                        # Cast: a CASE whose branches are all NULL (gate off) is text on
+                        # Gate off (the default): nothing measured, one plain NULL rather than
+                        # a CASE of NULLs. Cast: a CASE whose branches are all NULL is text on
                         # PostgreSQL, which a double precision column refuses.
-                        col("psnr"): Cast(per_row(5, models.FloatField()), models.FloatField()),
+                        col("psnr"): (
+                            Cast(per_row(5, models.FloatField()), models.FloatField())
+                            if measured
+                            else None
+                        ),
                     },
                     **_columns(field, state=READY, error="", staged=None, changed=now),
                 )

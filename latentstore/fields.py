@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ from django import forms
 from django.core import checks
 from django.core.exceptions import ValidationError
 from django.core.files.base import File
-from django.db import models, transaction
+from django.db import connections, models, transaction
 from django.db.models import F, signals
 from django.utils import timezone
 
@@ -534,10 +534,6 @@ class LatentImage:
 _MISSING = object()
 
 
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 class LatentsNotReady(Exception):
     """The row has no latents yet (pending/encoding), never had (empty), or failed."""
 
@@ -686,43 +682,32 @@ class LatentImageField(models.Field):
         return errors
 
     def _check_quality_options(self) -> list[checks.CheckMessage]:
-        from latentstore.quality import KEEP_LOW_FIDELITY
+        from latentstore.quality import KEEP_LOW_FIDELITY, option_problems
 
-        errors = []
-        if self.keep_original not in (None, True, False, KEEP_LOW_FIDELITY):
-            errors.append(
-                checks.Error(
-                    f"keep_original={self.keep_original!r} is not True, False or "
-                    f"{KEEP_LOW_FIDELITY!r}.",
-                    obj=self,
-                    id="latentstore.E030",
-                )
-            )
-        if self.quality_check not in (None, True, False):
-            errors.append(
-                checks.Error(
-                    f"quality_check={self.quality_check!r} is not True or False.",
-                    obj=self,
-                    id="latentstore.E031",
-                )
-            )
-        elif self.quality_check is False and self.keep_original == KEEP_LOW_FIDELITY:
-            errors.append(
+        ids = {
+            "keep_original": "latentstore.E030",
+            "quality_check": "latentstore.E031",
+            "min_psnr": "latentstore.E033",
+        }
+        problems = option_problems(
+            self.keep_original, self.quality_check, self.min_psnr, unset_allowed=True
+        )
+        errors = [
+            checks.Error(f"{name}={getattr(self, name)!r} {why}.", obj=self, id=ids[name])
+            for name, why in problems.items()
+        ]
+        # A field-only conflict: the settings' KEEP_ORIGINAL="low_fidelity" just turns the
+        # check on. Both options are valid here, so only E033 can precede it: put it first.
+        if self.quality_check is False and self.keep_original == KEEP_LOW_FIDELITY:
+            errors.insert(
+                0,
                 checks.Error(
                     "keep_original='low_fidelity' needs the round-trip measurement, but "
                     "quality_check=False turns it off.",
                     obj=self,
                     hint="Drop quality_check=False (keep_original='low_fidelity' turns it on).",
                     id="latentstore.E032",
-                )
-            )
-        if self.min_psnr is not None and not _is_finite_number(self.min_psnr):
-            errors.append(
-                checks.Error(
-                    f"min_psnr={self.min_psnr!r} is not a number of decibels.",
-                    obj=self,
-                    id="latentstore.E033",
-                )
+                ),
             )
         return errors
 
@@ -906,3 +891,37 @@ def without_blobs(queryset: models.QuerySet) -> models.QuerySet:
         if isinstance(field, LatentImageField):
             names += [field.name, field.companion_attname("staged")]
     return queryset.defer(*names)
+
+
+def prefetch_blobs(images: Iterable[LatentImage]) -> None:
+    """Fetch the deferred blobs of ``images`` in one query per model and database.
+
+    Each image keeps its blob exactly as its own first ``blob`` access would have, so a batch
+    decode over rows of :func:`without_blobs` reads them all at once instead of one query per
+    row. Images whose blob is loaded or already fetched are left alone.
+    """
+    groups: dict[tuple[type[models.Model], str | None, LatentImageField], dict[Any, list]] = {}
+    for image in images:
+        instance = image.instance
+        if (
+            instance.pk is None
+            or image._fetched is not _MISSING
+            or image.field.attname in instance.__dict__
+        ):
+            continue
+        key = (type(instance), instance._state.db, image.field)
+        pk = instance._meta.pk.to_python(instance.pk)
+        groups.setdefault(key, {}).setdefault(pk, []).append(image)
+    for (model, db, field), by_pk in groups.items():
+        manager = model._base_manager.db_manager(db)
+        pks = list(by_pk)
+        # SQLite caps the parameters of a query: as in_bulk(), ask in slices below the cap.
+        step = connections[manager.db].features.max_query_params or len(pks)
+        rows: dict[Any, Any] = {}
+        for start in range(0, len(pks), step):
+            page = manager.filter(pk__in=pks[start : start + step])
+            rows.update(page.values_list("pk", field.attname))
+        for pk, same_row in by_pk.items():
+            fetched = field.from_db_value(rows.get(pk), None, None)  # a deleted row: no latents
+            for image in same_row:
+                image._fetched = fetched

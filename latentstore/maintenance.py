@@ -362,6 +362,9 @@ def psnr(a: bytes, b: bytes) -> float:
     with Image.open(io.BytesIO(a)) as first, Image.open(io.BytesIO(b)) as second:
         x = np.asarray(first.convert("RGB"))
         y = np.asarray(second.convert("RGB"))
+    # inf, not quality.psnr's capped MAX_PSNR: latents_reencode tells identical round trips
+    # apart with math.isfinite ("N identical", "all ... decode identically"), and a large
+    # picture that differs by a few levels also measures the 100 dB cap.
     if x.shape == y.shape and np.array_equal(x, y):
         return math.inf
     return quality.psnr(x, y)

@@ -14,12 +14,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from latentstore.latents import _is_number
+
 if TYPE_CHECKING:
     from django.db import models
 
     from latentstore.fields import LatentImageField
 
-__all__ = ["MAX_PSNR", "KEEP_LOW_FIDELITY", "QualityPolicy", "low_fidelity", "psnr"]
+__all__ = [
+    "MAX_PSNR",
+    "KEEP_LOW_FIDELITY",
+    "QualityPolicy",
+    "low_fidelity",
+    "low_fidelity_q",
+    "option_problems",
+    "psnr",
+]
 
 #: PSNR reported for identical pictures (and the cap of any measurement): a finite number that
 #: every database column holds, far above what any lossy round trip reaches.
@@ -47,6 +57,27 @@ def psnr(reference: Any, test: Any) -> float:
     if mse == 0.0:
         return MAX_PSNR
     return min(MAX_PSNR, 10.0 * math.log10(255.0**2 / mse))
+
+
+def option_problems(
+    keep_original: Any, quality_check: Any, min_psnr: Any, *, unset_allowed: bool
+) -> dict[str, str]:
+    """What is wrong with the three quality options, by option name, for a system check.
+
+    Keys name the invalid ones (``"keep_original"``, ``"quality_check"``, ``"min_psnr"``, in
+    that order); values end a sentence about the value (``"is not True or False"``), so a
+    field's options and the settings can each word and number their errors. With
+    ``unset_allowed`` (a field's options) None means "use the setting", not a bad value.
+    """
+    unset = (None,) if unset_allowed else ()
+    problems = {}
+    if keep_original not in (*unset, True, False, KEEP_LOW_FIDELITY):
+        problems["keep_original"] = f"is not True, False or {KEEP_LOW_FIDELITY!r}"
+    if quality_check not in (*unset, True, False):
+        problems["quality_check"] = "is not True or False"
+    if not (unset_allowed and min_psnr is None) and not _is_number(min_psnr):
+        problems["min_psnr"] = "is not a number of decibels"
+    return problems
 
 
 @dataclass(frozen=True)
@@ -114,5 +145,17 @@ def low_fidelity(
             f"(field={field!r}; candidates: {names})"
         )
     (target,) = fields
-    threshold = QualityPolicy.for_field(target).min_psnr if min_psnr is None else min_psnr
-    return queryset.filter(**{f"{target.companion_attname('psnr')}__lt": threshold})
+    return queryset.filter(low_fidelity_q(target, min_psnr))
+
+
+def low_fidelity_q(field: LatentImageField, min_psnr: float | None = None) -> models.Q:
+    """The condition "measured below the threshold" on ``field``'s rows, for ``filter()``,
+    ``exclude()`` or an aggregate's ``filter=``.
+
+    ``min_psnr`` overrides the field's threshold (``min_psnr`` option, else ``MIN_PSNR``). Rows
+    never measured (NULL) do not match.
+    """
+    from django.db.models import Q
+
+    threshold = QualityPolicy.for_field(field).min_psnr if min_psnr is None else min_psnr
+    return Q(**{f"{field.companion_attname('psnr')}__lt": threshold})

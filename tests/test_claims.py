@@ -213,6 +213,28 @@ def test_write_back_many_stores_measured_and_unmeasured_psnrs(psnrs):
         assert photo.image_state == READY and photo.image_psnr == value
 
 
+@pytest.mark.parametrize("psnrs", [None, [21.5, None]])
+def test_write_back_many_sends_no_per_row_psnr_when_nothing_was_measured(psnrs):
+    """Gate off: the PSNR column is one NULL, not a CASE with a branch per row (and a cast)."""
+    from django.test.utils import CaptureQueriesContext
+
+    claims = encoding.claim_batch(LABEL, "image", pointers(staged(3)))
+    with CaptureQueriesContext(connection) as queries:
+        stored = encoding.write_back_many(
+            [(cl, b"x", f"d{cl.pk}") for cl in claims], psnrs=psnrs and psnrs + [None]
+        )
+    assert stored == [True, True, True]
+    (update,) = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    psnr_sql = update[update.index('"image_psnr" = ') :]
+    if psnrs is None:
+        assert psnr_sql.startswith('"image_psnr" = NULL') and "CAST" not in update, update
+    else:
+        # The measured values keep their cast CASE: (...)::double precision, or CAST(... AS ...).
+        assert psnr_sql.startswith(('"image_psnr" = (CASE WHEN', '"image_psnr" = CAST(CASE')), (
+            update
+        )
+
+
 def test_write_back_many_never_overwrites_a_finished_row():
     (a,) = staged(1)
     (claim,) = encoding.claim_batch(LABEL, "image", pointers([a]))

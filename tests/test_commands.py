@@ -495,3 +495,31 @@ def test_status_reports_the_measured_round_trip(settings):
         "1 low fidelity (< 22 dB)" in text
     )
     assert "quality testapp.Item.picture: not measured" in text
+
+
+def test_warm_reads_blobs_per_page_not_per_row():
+    """The rows come without their blobs; the misses' blobs are read in one query per page, so
+    warming three times as many rows costs no more queries."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    pks = make_rows(8, distinct=True)
+
+    def queries(rows: list[int]) -> int:
+        ids = ",".join(map(str, rows))
+        with CaptureQueriesContext(connection) as captured:
+            out = run(
+                "latents_warm",
+                "--model",
+                "demo.Photo",
+                "--decoder",
+                "rgb",
+                "--size",
+                "16",
+                "--ids",
+                ids,
+            )
+        assert f"{len(rows)} warmed" in out, out
+        return len(captured.captured_queries)
+
+    assert queries(pks[:2]) == queries(pks[2:])

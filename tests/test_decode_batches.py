@@ -12,8 +12,10 @@ from PIL import Image
 from latentstore import cache as latent_cache
 from latentstore.decoding import decode_many, key_for
 from latentstore.fields import LatentsNotReady
+from latentstore.maintenance import small_rows
 from project.models import Photo
 from tests.conftest import broker_unreachable, latentstore_config, requires_redis
+from tests.rows import make_rows
 from tests.test_batch_tasks import wait_all
 from tests.test_batching import watch
 from tests.test_field import encode_now
@@ -126,3 +128,33 @@ def test_a_stale_worker_error_does_not_answer_a_new_batch(worker_decodes):
     pictures = decode_many([p.image for p in photos], size=20, return_exceptions=True)
     assert not any(isinstance(d, Exception) for d in pictures), pictures
     assert [Image.open(io.BytesIO(d)).size for d in pictures] == [(20, 12)] * 2
+
+
+def test_decode_many_reads_the_deferred_blobs_in_one_query(django_assert_num_queries):
+    """Rows listed without their blobs (``small_rows``): one query for all the misses' blobs,
+    not one per row."""
+    pks = make_rows(5, distinct=True)
+    images = [row.image for row in small_rows(Photo).filter(pk__in=pks)]
+    with django_assert_num_queries(1):
+        pictures = decode_many(images, decoder="rgb", size=16, return_exceptions=True)
+    assert all(isinstance(p, bytes) for p in pictures), pictures
+    # The fetched blobs stay with the images: reading them again costs nothing.
+    with django_assert_num_queries(0):
+        assert [image.nbytes > 0 for image in images] == [True] * 5
+
+
+def test_decode_many_matches_prefetched_blobs_by_uuid_primary_key(django_assert_num_queries):
+    from latentstore.fields import without_blobs
+    from tests.testapp.models import Item
+
+    for i in range(3):
+        with broker_unreachable():
+            item = Item.objects.create(
+                name=f"u{i}", picture=image_bytes(make_test_image(40, 24, seed=i), "PNG")
+            )
+        assert encode_now(item, "picture") == "ready"
+    listed = list(without_blobs(Item.objects.order_by("name")))
+    with django_assert_num_queries(1):
+        pictures = decode_many([i.picture for i in listed], decoder="rgb", size=16)
+    stored = Item.objects.order_by("name")  # the same pictures as from fully loaded rows
+    assert pictures == decode_many([i.picture for i in stored], decoder="rgb", size=16)

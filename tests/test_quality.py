@@ -115,6 +115,50 @@ def test_bad_quality_settings_are_system_check_errors(settings, tiny_vae_dir):
     assert check_settings() == []
 
 
+def test_field_options_and_settings_share_the_rules_with_their_own_wording(settings, tiny_vae_dir):
+    """One rule set, two wordings: ``name=value`` for a field's options, ``NAME value`` for the
+    settings; None is "not set" for a field (it falls back to the settings) but not a setting."""
+    field = LatentImageField(keep_original="sometimes", quality_check="yes", min_psnr=True)
+    field.set_attributes_from_name("image")
+    field.model = Photo
+    assert [(e.id, e.msg) for e in field.check()] == [
+        ("latentstore.E030", "keep_original='sometimes' is not True, False or 'low_fidelity'."),
+        ("latentstore.E031", "quality_check='yes' is not True or False."),
+        ("latentstore.E033", "min_psnr=True is not a number of decibels."),
+    ]
+    settings.LATENTSTORE = latentstore_config(
+        tiny_vae_dir, KEEP_ORIGINAL=None, QUALITY_CHECK=None, MIN_PSNR=float("inf")
+    )
+    found = [(e.id, e.msg, e.hint) for e in check_settings() if e.id in QUALITY_SETTING_IDS]
+    assert found == [
+        ("latentstore.E034", "KEEP_ORIGINAL None is not True, False or 'low_fidelity'.", None),
+        ("latentstore.E035", "QUALITY_CHECK None is not True or False.", None),
+        (
+            "latentstore.E036",
+            "MIN_PSNR inf is not a number of decibels.",
+            "A PSNR threshold such as 20.0.",
+        ),
+    ]
+
+
+QUALITY_SETTING_IDS = {"latentstore.E034", "latentstore.E035", "latentstore.E036"}
+
+
+def test_low_fidelity_q_is_the_filter_every_caller_uses(settings, tiny_vae_dir):
+    from latentstore.quality import low_fidelity_q
+
+    settings.LATENTSTORE = latentstore_config(tiny_vae_dir, MIN_PSNR=20.0)
+    field = Photo._meta.get_field("image")
+    pks = [Photo.objects.create(title=f"q{i}").pk for i in range(3)]
+    for pk, value in zip(pks, [12.5, 31.0, None], strict=True):
+        Photo.objects.filter(pk=pk).update(image_psnr=value)
+    assert list(Photo.objects.filter(low_fidelity_q(field)).values_list("pk", flat=True)) == [
+        pks[0]
+    ]
+    above = Photo.objects.filter(low_fidelity_q(field, min_psnr=40.0)).order_by("pk")
+    assert list(above.values_list("pk", flat=True)) == pks[:2]  # never measured: never low
+
+
 def test_new_options_survive_deconstruct():
     field = LatentImageField(keep_original="low_fidelity", quality_check=True, min_psnr=21.5)
     _name, _path, _args, kwargs = field.deconstruct()

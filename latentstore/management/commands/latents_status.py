@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.db.models import Avg, Count, Min, Q
+from django.db.models import Avg, Count, Min
 from django.utils import timezone
 
 from latentstore import conf
 from latentstore.broker import queue_depths
 from latentstore.fields import ENCODING, PENDING, READY
 from latentstore.management.base import LatentCommand
-from latentstore.quality import QualityPolicy
+from latentstore.quality import QualityPolicy, low_fidelity_q
 
 
 def _age(seconds: float) -> str:
@@ -141,7 +141,7 @@ class Command(LatentCommand):
             measured=Count(psnr),
             mean=Avg(psnr),
             worst=Min(psnr),
-            low=Count("pk", filter=Q(**{f"{psnr}__lt": threshold})),
+            low=Count("pk", filter=low_fidelity_q(field, threshold)),
         )
         return {
             "model": model._meta.label,

@@ -21,6 +21,9 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.test.utils import override_settings
 
+from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY  # paths only, no torch
+from workers.training.data import HELD_OUT as TRAINING_HELD_OUT  # numpy and Pillow, no torch
+
 SAMPLES = (
     "astronaut.png",
     "coffee.png",
@@ -30,8 +33,10 @@ SAMPLES = (
     "page.png",
 )
 SD_VAE = "stabilityai/sd-vae-ft-mse"
-# Photos the shipped ls-small model never saw in training (workers/training/data.py HELD_OUT).
-HELD_OUT = frozenset({"chelsea.png", "rocket.jpg"})
+# The scikit-image photos the shipped ls-small model never saw in training.
+HELD_OUT = frozenset(
+    name.removeprefix("skimage:") for name in TRAINING_HELD_OUT if name.startswith("skimage:")
+)
 
 
 class Command(BaseCommand):
@@ -72,10 +77,10 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         out_dir = Path(settings.VAR_DIR) / "demo"
         out_dir.mkdir(parents=True, exist_ok=True)
-        pretrained, family, note = self.find_weights(options["pretrained"], out_dir)
+        pretrained, family, note = self.find_weights(options["pretrained"])
         self.stdout.write(note)
         # The held-out mark is about ls-small's training set; other models saw other data.
-        self.held_out = HELD_OUT if family == "ls-small" else frozenset()
+        self.held_out = HELD_OUT if family == LS_SMALL_FAMILY else frozenset()
 
         config = dict(settings.LATENTSTORE)
         config["AUTOENCODERS"] = {
@@ -102,7 +107,7 @@ class Command(BaseCommand):
         self.report(rows, options, out_dir)
 
     # --- set-up ---------------------------------------------------------------------------
-    def find_weights(self, requested: str | None, out_dir: Path) -> tuple[str, str, str]:
+    def find_weights(self, requested: str | None) -> tuple[str, str, str]:
         requested = requested or os.environ.get("LATENTSTORE_PRETRAINED")
         if requested:
             if Path(requested).is_dir() or _in_hf_cache(requested):
@@ -118,8 +123,6 @@ class Command(BaseCommand):
         if _in_hf_cache(SD_VAE):
             os.environ["HF_HUB_OFFLINE"] = "1"
             return SD_VAE, "sd", f"Autoencoder: {SD_VAE} (from the local Hugging Face cache)"
-        from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY
-
         return (
             str(LS_SMALL),
             LS_SMALL_FAMILY,
