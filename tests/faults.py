@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,11 +216,12 @@ class WorkerProcess:
         self.stop()
 
 
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "") -> None:
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
+        if value := predicate():
+            return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
 

@@ -13,13 +13,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
 
 from project.models import Photo
+from tests.faults import wait_until
 from tests.rows import fake_blob, make_rows
 from tests.test_field import encode_now
 from tests.tiny import image_bytes, make_test_image
@@ -110,17 +110,6 @@ def browser(chromium_installed, tmp_path):
     driver.quit()
 
 
-def wait_until(predicate, timeout: float = 60.0, what: str = "the page"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 IMAGES_LOADED = """
 return Array.from(document.querySelectorAll('.latent-thumb img')).map(
     img => [img.closest('tr').querySelector('.field-title').textContent.trim(),
@@ -157,7 +146,11 @@ def test_admin_in_a_real_browser(browser, live_server, celery_worker, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
     wait_until(lambda: "/admin/demo/photo/" in browser.current_url, what="the change list")
 
-    rows = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
+    # The URL changes before the new page's DOM is there: wait for its rows, not the address.
+    rows = wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr"),
+        what="the change list's rows",
+    )
     assert len(rows) == 6
     assert len(browser.find_elements(By.CSS_SELECTOR, "#result_list tbody .latent-thumb")) == 6
     shown = wait_until(
