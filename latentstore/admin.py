@@ -31,16 +31,18 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from latentstore import maintenance
-from latentstore.fields import FAILED, READY, LatentImage, LatentImageField, without_blobs
+from latentstore.fields import (
+    FAILED,
+    READY,
+    LatentImage,
+    LatentImageField,
+    latent_fields_of,
+    without_blobs,
+)
 from latentstore.html import escape, picture_tag, state_badge
 from latentstore.quality import QualityPolicy, low_fidelity_q
 
 THUMBNAIL_COLUMN = "latent_thumbnail"
-
-
-@functools.cache
-def latent_fields_of(model: type[models.Model]) -> tuple[LatentImageField, ...]:
-    return tuple(f for f in model._meta.concrete_fields if isinstance(f, LatentImageField))
 
 
 class LatentImageWidget(forms.ClearableFileInput):

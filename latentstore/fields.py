@@ -16,6 +16,7 @@ the worker's result.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import uuid
@@ -880,6 +881,12 @@ class LatentImageFormField(forms.FileField):
         return attrs
 
 
+@functools.cache  # read per row by the admin's change list; a model's fields do not change
+def latent_fields_of(model: type[models.Model]) -> tuple[LatentImageField, ...]:
+    """The model's :class:`LatentImageField` s, in declaration order."""
+    return tuple(f for f in model._meta.concrete_fields if isinstance(f, LatentImageField))
+
+
 def without_blobs(queryset: models.QuerySet) -> models.QuerySet:
     """Defer every latent blob and staged original of the queryset's model (for listings).
 
@@ -887,9 +894,8 @@ def without_blobs(queryset: models.QuerySet) -> models.QuerySet:
     decode cache need no blob at all.
     """
     names = []
-    for field in queryset.model._meta.get_fields():
-        if isinstance(field, LatentImageField):
-            names += [field.name, field.companion_attname("staged")]
+    for field in latent_fields_of(queryset.model):
+        names += [field.name, field.companion_attname("staged")]
     return queryset.defer(*names)
 
 

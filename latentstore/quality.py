@@ -134,9 +134,9 @@ def low_fidelity(
     overrides the field's threshold. Rows never measured (gate off) are not included. The same
     as ``queryset.filter(<field>_psnr__lt=threshold)``.
     """
-    from latentstore.fields import LatentImageField
+    from latentstore.fields import latent_fields_of
 
-    candidates = [f for f in queryset.model._meta.get_fields() if isinstance(f, LatentImageField)]
+    candidates = list(latent_fields_of(queryset.model))
     fields = [f for f in candidates if field is None or f.name == field]
     if len(fields) != 1:
         names = ", ".join(f.name for f in candidates) or "none"

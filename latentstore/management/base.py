@@ -20,7 +20,7 @@ from django.core.exceptions import FieldDoesNotExist
 from django.core.management.base import BaseCommand, CommandError
 from django.db import models
 
-from latentstore.fields import LatentImageField
+from latentstore.fields import LatentImageField, latent_fields_of
 
 
 class Progress:
@@ -172,10 +172,10 @@ class LatentCommand(BaseCommand):
                         f"(with a LatentImageField: {', '.join(_labels()) or 'none installed'})."
                     ) from None
         else:
-            models_ = [m for m in apps.get_models() if _latent_fields(m)]
+            models_ = [m for m in apps.get_models() if latent_fields_of(m)]
         pairs = []
         for model in models_:
-            fields = _latent_fields(model)
+            fields = latent_fields_of(model)
             if options["field"]:
                 chosen = []
                 for name in options["field"]:
@@ -208,13 +208,9 @@ class LatentCommand(BaseCommand):
         raise CommandError(summary, returncode=1)
 
 
-def _latent_fields(model: type[models.Model]) -> list[LatentImageField]:
-    return [f for f in model._meta.concrete_fields if isinstance(f, LatentImageField)]
-
-
 def _labels() -> Iterator[str]:
     for model in apps.get_models():
-        if _latent_fields(model):
+        if latent_fields_of(model):
             yield model._meta.label
 
 
