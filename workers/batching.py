@@ -215,43 +215,30 @@ def _start(
     tiled: bool,
     results: dict[int, Outcome],
     pad_to: int = 0,
-) -> _Pass:
-    """Launch one forward pass and the copies of its output; raise what the launch raises."""
-    live = x.shape[0]
-    with ae.tiling(tiled), torch.inference_mode():
-        x_in = _padded(x, pad_to) if pad_to > live else x
-        output = job.forward(ae, x_in)
-        if output.shape[0] != live:
-            output = output[:live]
-        flags = torch.isfinite(output).flatten(1).all(dim=1)
-        host = job.download(output)
-        flags = flags.to("cpu", non_blocking=flags.is_cuda)
-        event = None
-        if output.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-    return _Pass(ae, job, shape, indices, x, tiled, host, flags, event, results)
-
-
-def _try_start(
-    ae: LoadedAutoencoder,
-    job: Job,
-    shape: tuple[int, int],
-    indices: list[int],
-    x: torch.Tensor,
-    tiled: bool,
-    results: dict[int, Outcome],
-    pad_to: int = 0,
 ) -> _Pass | BaseException:
-    """:func:`_start`, or the exception its launch raised (for :func:`_recover`)."""
+    """Launch one forward pass and the copies of its output; or what the launch raised (for
+    :func:`_recover`)."""
+    live = x.shape[0]
     try:
-        return _start(ae, job, shape, indices, x, tiled, results, pad_to)
+        with ae.tiling(tiled), torch.inference_mode():
+            x_in = _padded(x, pad_to) if pad_to > live else x
+            output = job.forward(ae, x_in)
+            if output.shape[0] != live:
+                output = output[:live]
+            flags = torch.isfinite(output).flatten(1).all(dim=1)
+            host = job.download(output)
+            flags = flags.to("cpu", non_blocking=flags.is_cuda)
+            event = None
+            if output.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
     except Exception as exc:
         if is_out_of_memory(exc):
             # The traceback's frames hold the failed pass's activations: drop them before the
             # retry needs the memory.
             exc.__traceback__ = None
         return exc
+    return _Pass(ae, job, shape, indices, x, tiled, host, flags, event, results)
 
 
 def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -297,7 +284,7 @@ def _launch(
     if not live or x is None:
         return settled
     tiled = ae.should_tile(shape[1], shape[0])
-    launched = _try_start(ae, job, shape, live, x, tiled, results, size if ae.compiled else 0)
+    launched = _start(ae, job, shape, live, x, tiled, results, size if ae.compiled else 0)
     if isinstance(launched, _Pass):
         return launched
     error = launched
@@ -372,7 +359,7 @@ def _forward(
     results: dict[int, Outcome],
 ) -> None:
     """One forward pass, waited for (the recovery paths run one pass at a time)."""
-    launched = _try_start(ae, job, shape, indices, x, tiled, results)
+    launched = _start(ae, job, shape, indices, x, tiled, results)
     if isinstance(launched, _Pass):
         launched.finish()
     else:
