@@ -7,7 +7,7 @@ weights from a seed, saved as safetensors and loaded through the production ``PR
 path; compute does not depend on the weights' values). For each size it measures, side by side:
 
 1. **seed** — a plain diffusers loop, one image at a time, float32, default memory layout;
-2. **ours** — ``workers.codec.encode_many`` / ``decode_many``: batched, ``--dtype``,
+2. **ours** — ``latentstore_workers.codec.encode_many`` / ``decode_many``: batched, ``--dtype``,
    ``--channels-last`` and ``torch.compile`` (``--compile``) when asked; beside it **forward**,
    the same model's bare forward passes on inputs already on the device, so the table shows
    what the pipeline around the model costs (ours / forward);
@@ -207,7 +207,7 @@ def pictures(size: int, count: int, seed: int):
 
 
 def timed(device, fn) -> float:
-    from workers.memory import synchronize
+    from latentstore_workers.memory import synchronize
 
     synchronize(device)
     start = time.perf_counter()
@@ -218,7 +218,7 @@ def timed(device, fn) -> float:
 
 def measure(device, fn) -> tuple[float, int]:
     """Seconds and peak memory of ``fn()``; on CPU the peak is RSS above the level before."""
-    from workers.memory import peak_bytes, reset_peak
+    from latentstore_workers.memory import peak_bytes, reset_peak
 
     reset_peak(device)
     base, _kind = peak_bytes(device)
@@ -289,7 +289,7 @@ def seed_encode(model, images, device) -> list:
     """The seed: one image at a time, float32, plain diffusers."""
     import torch
 
-    from workers.images import to_tensor
+    from latentstore_workers.images import to_tensor
 
     out = []
     with torch.no_grad():
@@ -302,7 +302,7 @@ def seed_encode(model, images, device) -> list:
 def seed_decode(model, latents, device, size: int) -> list:
     import torch
 
-    from workers.images import to_pil
+    from latentstore_workers.images import to_pil
 
     out = []
     with torch.no_grad():
@@ -514,7 +514,7 @@ def main() -> int:
     import diffusers
     from diffusers import AutoencoderKL
 
-    from workers.autoencoders import load_autoencoder
+    from latentstore_workers.autoencoders import load_autoencoder
 
     ours = load_autoencoder("default")
     import importlib.util
@@ -590,7 +590,7 @@ def main() -> int:
 def bench_size(size: int, args, device, ours, seed_model, log) -> list[Row]:
     """Seed and ours, encode and decode, at one size."""
 
-    from workers.codec import decode_many, encode_many
+    from latentstore_workers.codec import decode_many, encode_many
 
     images = pictures(size, args.count, args.seed + size)
     enc_flops, dec_flops = count_flops(size)
@@ -683,7 +683,7 @@ def _note(outcomes) -> str:
 
 
 def _large_once(device, ae, z, size: int, path: str, tile: int) -> Row:
-    from workers.codec import decode_many
+    from latentstore_workers.codec import decode_many
 
     outcome: dict[str, Any] = {}
     seconds, mem = measure(device, lambda: outcome.update(o=decode_many(ae, [(z, size, size)])))

@@ -51,7 +51,7 @@ class Row:
 
 def text_page(seed: int = 12345) -> Image.Image:
     """A 512x384 page of text at four sizes (a picture of the training kind, never trained on)."""
-    from workers.training.data import render_text
+    from latentstore_workers.training.data import render_text
 
     rng = random.Random(seed)
     page = Image.new("RGB", (512, 384), (250, 250, 246))
@@ -130,9 +130,9 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
     import zstandard
     from diffusers import AutoencoderKL
 
-    from workers.autoencoders import load_pretrained
-    from workers.quality import measure_round_trips, structural_similarity, wrap
-    from workers.training.data import held_out_images
+    from latentstore_workers.autoencoders import load_pretrained
+    from latentstore_workers.quality import measure_round_trips, structural_similarity, wrap
+    from latentstore_workers.training.data import held_out_images
 
     torch.set_num_threads(args.threads)
     model, _ = load_pretrained(
@@ -265,7 +265,7 @@ def plot(rows: list[Row], curves: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY
+    from latentstore_workers.pretrained import LS_SMALL, LS_SMALL_FAMILY
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained", default=str(LS_SMALL), help="save_pretrained directory")

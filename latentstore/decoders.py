@@ -1,9 +1,9 @@
 """The decoder registry: alias → {BACKEND, OPTIONS}, built lazily, cached, reset on settings change.
 
 It follows Django's ``StorageHandler``. With only ``AUTOENCODERS`` configured it offers
-``"default"`` (each latent's own autoencoder, ``workers.decoders.VAEDecoder``) and ``"rgb"`` (the
-model-free latent→RGB projection). Backends are imported on first use, so the web tier loads
-torch only if it decodes with a torch backend locally.
+``"default"`` (each latent's own autoencoder, ``latentstore_workers.decoders.VAEDecoder``) and
+``"rgb"`` (the model-free latent→RGB projection). Backends are imported on first use, so the web
+tier loads torch only if it decodes with a torch backend locally.
 
 A backend subclasses :class:`BaseDecoder` and implements :meth:`BaseDecoder.decode`; it says which
 latent families it reads (:attr:`BaseDecoder.families`) and refuses latents it cannot read by
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from latentstore.latents import LatentHeader
 
 DEFAULT_DECODERS: dict[str, dict[str, Any]] = {
-    "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {}},
+    "default": {"BACKEND": "latentstore_workers.decoders.VAEDecoder", "OPTIONS": {}},
     "rgb": {"BACKEND": "latentstore.decoders.LatentRGBDecoder", "OPTIONS": {}},
 }
 

@@ -345,7 +345,7 @@ def current_fingerprint(alias: str) -> str:
     """The weights fingerprint that autoencoder ``alias`` stamps now (loads it: worker extra)."""
     from django.utils.module_loading import import_string
 
-    load = import_string("workers.autoencoders.load_autoencoder")
+    load = import_string("latentstore_workers.autoencoders.load_autoencoder")
     return load(alias).fingerprint
 
 

@@ -1,8 +1,8 @@
 """Round-trip quality: PSNR, the per-field gate settings, and finding low-fidelity rows.
 
 Numpy only (no torch, no Django models imported at module level): the worker measures with
-:func:`psnr` right after encoding (``workers.quality``), and the web tier reads the stored number
-through ``LatentImage.psnr`` / ``LatentImage.low_fidelity`` or filters rows with
+:func:`psnr` right after encoding (``latentstore_workers.quality``), and the web tier reads the
+stored number through ``LatentImage.psnr`` / ``LatentImage.low_fidelity`` or filters rows with
 :func:`low_fidelity`.
 """
 

@@ -12,6 +12,6 @@ from latentstore.celery_config import configure
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
-app = Celery("project", include=["latentstore.tasks", "workers.tasks"])
+app = Celery("project", include=["latentstore.tasks", "latentstore_workers.tasks"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
 configure(app)

@@ -143,7 +143,7 @@ def default_autoencoder() -> tuple[str, str]:
         return os.environ["LATENTSTORE_PRETRAINED"], os.environ.get("LATENTSTORE_FAMILY", "sd")
     if hf_cache_has(SD_VAE):
         return SD_VAE, "sd"
-    from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY  # paths only, no torch
+    from latentstore_workers.pretrained import LS_SMALL, LS_SMALL_FAMILY  # paths only, no torch
 
     return str(LS_SMALL), LS_SMALL_FAMILY
 

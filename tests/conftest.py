@@ -39,7 +39,7 @@ def other_vae_dir(tmp_path_factory):
 def ls_small_entry(path=None) -> dict:
     """An ``AUTOENCODERS`` entry for the shipped ls-small weights (or an ls-small model saved at
     ``path``), float32 on the CPU."""
-    from workers.pretrained import LS_SMALL
+    from latentstore_workers.pretrained import LS_SMALL
 
     return {
         "PRETRAINED": str(path or LS_SMALL),
@@ -258,9 +258,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_collection_modifyitems(config, items):
-    """``heavy`` tests are opt-in (``-m heavy``); ``gpu`` tests skip without CUDA."""
-    selected = config.getoption("-m") or ""
-    skip_heavy = pytest.mark.skip(reason="heavy: opt-in, run with -m heavy")
+    """``gpu`` tests skip without CUDA. ``heavy`` tests run in the full suite (and so in .ci/run);
+    ``-m "not heavy"`` leaves them out of a quick run."""
     gpu_items = [item for item in items if "gpu" in item.keywords]
     cuda = False
     if gpu_items:
@@ -269,8 +268,6 @@ def pytest_collection_modifyitems(config, items):
         cuda = torch.cuda.is_available()
     skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
     for item in items:
-        if "heavy" in item.keywords and "heavy" not in selected:
-            item.add_marker(skip_heavy)
         if "gpu" in item.keywords and not cuda:
             item.add_marker(skip_gpu)
     _expect_robustness_cases(items)

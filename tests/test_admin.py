@@ -10,12 +10,12 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from latentstore_workers import autoencoders
 from project.models import Photo
 from tests.conftest import encode_pointers, latentstore_config
 from tests.rows import fake_blob, make_rows, run_web_tier
 from tests.test_field import encode_now
 from tests.tiny import image_bytes, make_test_image
-from workers import autoencoders
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -73,10 +73,10 @@ def test_celery_app_has_the_reliability_settings():
 
 
 def test_worker_tasks_are_declared_acks_late_and_registered_by_name():
+    from latentstore_workers import tasks
     from project.celery import app
-    from workers import tasks
 
     app.loader.import_default_modules()
-    assert app.tasks["latentstore.encode"].__module__ == "workers.tasks"
+    assert app.tasks["latentstore.encode"].__module__ == "latentstore_workers.tasks"
     assert tasks.encode.acks_late and tasks.encode.reject_on_worker_lost
     assert "latentstore.sweep" in app.tasks

@@ -17,13 +17,13 @@ from django.db import connection, transaction
 from PIL import Image
 
 from latentstore import encoding
+from latentstore_workers import tasks as worker_tasks
+from latentstore_workers.autoencoders import load_autoencoder
+from latentstore_workers.codec import encode_images
 from project.models import Photo
 from tests.conftest import broker_unreachable, requires_postgres
 from tests.test_batching import all_black, watch
 from tests.tiny import image_bytes, make_test_image
-from workers import tasks as worker_tasks
-from workers.autoencoders import load_autoencoder
-from workers.codec import encode_images
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -16,11 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import latentstore_config
-from tests.tiny import make_test_image, save_overflowing_autoencoder, save_tiny_autoencoder
-from workers.autoencoders import clear_cache, load_autoencoder
-from workers.batching import NonFinite, OutOfMemory
-from workers.codec import (
+from latentstore_workers.autoencoders import clear_cache, load_autoencoder
+from latentstore_workers.batching import NonFinite, OutOfMemory
+from latentstore_workers.codec import (
     NonFiniteImage,
     NonFiniteLatents,
     decode_latents,
@@ -30,7 +28,9 @@ from workers.codec import (
     iter_encode,
     iter_encode_stream,
 )
-from workers.memory import activation_bytes, is_out_of_memory
+from latentstore_workers.memory import activation_bytes, is_out_of_memory
+from tests.conftest import latentstore_config
+from tests.tiny import make_test_image, save_overflowing_autoencoder, save_tiny_autoencoder
 
 
 def configure(settings, vae_dir: pathlib.Path, top: dict | None = None, **options) -> None:
@@ -284,7 +284,7 @@ def test_out_of_memory_splits_the_batch_in_halves_and_loses_nothing(caplog):
     ae = load_autoencoder("default")
     images = pictures([(32, 32)] * 8)
     expected = one_by_one(ae, images)
-    with caplog.at_level(logging.WARNING, logger="workers.batching"):
+    with caplog.at_level(logging.WARNING, logger="latentstore_workers.batching"):
         with watch(ae.model.encoder, fault=oom_above(2)) as shapes:
             outcomes = encode_many(ae, images, max_batch=8)
     # 8 fails, 4 fails, then 2 + 2; the other 4 fail once more, then 2 + 2.
@@ -369,7 +369,7 @@ def test_a_poison_item_is_bisected_out_and_the_others_land(caplog):
         if all_black(x):
             raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
 
-    with caplog.at_level(logging.WARNING, logger="workers.batching"):
+    with caplog.at_level(logging.WARNING, logger="latentstore_workers.batching"):
         with watch(ae.model.encoder, fault=fault):
             outcomes = encode_many(ae, images)
     assert isinstance(outcomes[4].error, RuntimeError)
@@ -413,7 +413,7 @@ def test_float16_overflow_is_re_run_in_float32_and_logged(settings, overflow_dir
     with ae.tiling(False), torch.inference_mode():  # the half model really overflows
         x = torch.ones(1, 3, 32, 32, dtype=torch.float16)
         assert not torch.isfinite(ae.model.encode(x).latent_dist.mean).all()
-    with caplog.at_level(logging.WARNING, logger="workers.batching"):
+    with caplog.at_level(logging.WARNING, logger="latentstore_workers.batching"):
         outcomes = encode_many(ae, images)
     for outcome, value in zip(outcomes, exact, strict=True):
         assert outcome.ok and outcome.float32_rerun
@@ -638,7 +638,7 @@ def test_gpu_tiled_2048_decode_of_the_full_sd_vae_stays_under_8_gib(tmp_path, se
 
 
 def test_resolve_dtype_keeps_its_signature_for_other_loaders():
-    from workers.autoencoders import _resolve_dtype
+    from latentstore_workers.autoencoders import _resolve_dtype
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert _resolve_dtype("x", "float16", cpu) == torch.float32  # CPU_DTYPE defaults to float32

@@ -13,6 +13,7 @@ from latentstore import cache as latent_cache
 from latentstore.decoding import decode_many, key_for
 from latentstore.fields import LatentsNotReady
 from latentstore.maintenance import small_rows
+from latentstore_workers.autoencoders import load_autoencoder
 from project.models import Photo
 from tests.conftest import broker_unreachable, latentstore_config, requires_redis
 from tests.rows import make_rows
@@ -20,7 +21,6 @@ from tests.test_batch_tasks import wait_all
 from tests.test_batching import watch
 from tests.test_field import encode_now
 from tests.tiny import image_bytes, make_test_image
-from workers.autoencoders import load_autoencoder
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -85,7 +85,10 @@ def worker_decodes(settings, tiny_vae_dir, celery_worker):
         CACHE="redis",
         DECODE_BATCH_SIZE=2,
         DECODERS={
-            "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}}
+            "default": {
+                "BACKEND": "latentstore_workers.decoders.VAEDecoder",
+                "OPTIONS": {"RUN": "worker"},
+            }
         },
     )
 

@@ -176,7 +176,10 @@ def test_a_stale_worker_error_does_not_answer_a_new_request(
         tiny_vae_dir,
         CACHE="redis",
         DECODERS={
-            "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}}
+            "default": {
+                "BACKEND": "latentstore_workers.decoders.VAEDecoder",
+                "OPTIONS": {"RUN": "worker"},
+            }
         },
     )
     photo = Photo.objects.create(title="stale", image=png_bytes)

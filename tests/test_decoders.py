@@ -30,6 +30,12 @@ from latentstore.decoders import (
 )
 from latentstore.families import FAMILIES, family_of_taesd
 from latentstore.fields import LatentImageField
+from latentstore_workers.decoders import (
+    OpenAIConsistencyDecoder,
+    TAESDDecoder,
+    latent_seed,
+    seeded_global_rng,
+)
 from project.models import Photo
 from tests.test_field import encode_now
 from tests.tiny import (
@@ -38,12 +44,6 @@ from tests.tiny import (
     save_tiny_autoencoder,
     save_tiny_consistency_decoder,
     save_tiny_taesd,
-)
-from workers.decoders import (
-    OpenAIConsistencyDecoder,
-    TAESDDecoder,
-    latent_seed,
-    seeded_global_rng,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -101,14 +101,14 @@ def configure(settings, vae_dir, family="sd", decoders=None, **autoencoders):
 
 def taesd(path, **options):
     return {
-        "BACKEND": "workers.decoders.TAESDDecoder",
+        "BACKEND": "latentstore_workers.decoders.TAESDDecoder",
         "OPTIONS": {"pretrained": str(path), **options},
     }
 
 
 def consistency(path, **options):
     return {
-        "BACKEND": "workers.decoders.ConsistencyDecoder",
+        "BACKEND": "latentstore_workers.decoders.ConsistencyDecoder",
         "OPTIONS": {"pretrained": str(path), **options},
     }
 
@@ -266,7 +266,7 @@ def test_rgb_decoder_crops_the_padding_like_the_model_decoders(settings, tiny_va
 
 
 def test_decoder_models_load_once_per_process(taesd_dirs, consistency_dir, monkeypatch):
-    from workers import decoder_models
+    from latentstore_workers import decoder_models
 
     taesd_model = decoder_models.load_tiny_autoencoder(str(taesd_dirs[4]), device="cpu")
     assert decoder_models.load_tiny_autoencoder(str(taesd_dirs[4]), device="cpu") is taesd_model
@@ -341,7 +341,7 @@ django.setup()
 import torch
 torch.manual_seed(random.randrange(1 << 30))  # another global RNG state than the parent's
 from latentstore.latents import unpack
-from workers.decoders import ConsistencyDecoder
+from latentstore_workers.decoders import ConsistencyDecoder
 header, raw = unpack(open({str(blob)!r}, "rb").read())
 picture = ConsistencyDecoder("c", pretrained={str(consistency_dir)!r}).decode(header, raw)
 print("SHA", hashlib.sha256(picture.tobytes()).hexdigest())
@@ -379,7 +379,10 @@ def test_a_vae_of_another_family_refuses_naming_both(settings, tiny_vae_dir, fam
         settings,
         tiny_vae_dir,
         decoders={
-            "sd3-vae": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"autoencoder": "sd3"}}
+            "sd3-vae": {
+                "BACKEND": "latentstore_workers.decoders.VAEDecoder",
+                "OPTIONS": {"autoencoder": "sd3"},
+            }
         },
         sd3=(family_vaes["sd3"], "sd3"),
     )
@@ -422,7 +425,7 @@ def test_a_custom_backend_declares_its_families_and_is_refused_others(
 
 
 def test_openai_backend_is_refused_without_the_torchscript_opt_in(settings, tiny_vae_dir):
-    backend = {"BACKEND": "workers.decoders.OpenAIConsistencyDecoder"}
+    backend = {"BACKEND": "latentstore_workers.decoders.OpenAIConsistencyDecoder"}
     configure(settings, tiny_vae_dir, decoders={"openai": backend})
     (error,) = [e for e in check_settings() if e.id == "latentstore.E023"]
     assert "TorchScript (pickle-based)" in error.msg and "allow_torchscript" in error.hint
@@ -437,7 +440,7 @@ def test_openai_backend_is_refused_without_the_torchscript_opt_in(settings, tiny
 )
 def test_openai_backend_without_its_package_is_a_configuration_error(settings, tiny_vae_dir):
     backend = {
-        "BACKEND": "workers.decoders.OpenAIConsistencyDecoder",
+        "BACKEND": "latentstore_workers.decoders.OpenAIConsistencyDecoder",
         "OPTIONS": {"allow_torchscript": True},
     }
     configure(settings, tiny_vae_dir, decoders={"openai": backend})
@@ -491,15 +494,21 @@ def test_check_flags_a_decoder_for_an_autoencoder_of_a_family_it_cannot_read(
         tiny_vae_dir,
         decoders={
             "cd": {
-                "BACKEND": "workers.decoders.ConsistencyDecoder",
+                "BACKEND": "latentstore_workers.decoders.ConsistencyDecoder",
                 "OPTIONS": {"autoencoder": "xl"},
             },
             "t": {
-                "BACKEND": "workers.decoders.TAESDDecoder",
+                "BACKEND": "latentstore_workers.decoders.TAESDDecoder",
                 "OPTIONS": {"family": "sd3", "autoencoder": "default"},
             },
-            "t-ok": {"BACKEND": "workers.decoders.TAESDDecoder", "OPTIONS": {"autoencoder": "xl"}},
-            "vae-xl": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"autoencoder": "xl"}},
+            "t-ok": {
+                "BACKEND": "latentstore_workers.decoders.TAESDDecoder",
+                "OPTIONS": {"autoencoder": "xl"},
+            },
+            "vae-xl": {
+                "BACKEND": "latentstore_workers.decoders.VAEDecoder",
+                "OPTIONS": {"autoencoder": "xl"},
+            },
         },
         xl=(family_vaes["sdxl"], "sdxl"),
     )
@@ -538,12 +547,21 @@ def test_check_flags_unknown_options_and_an_unknown_seed(settings, tiny_vae_dir)
         settings,
         tiny_vae_dir,
         decoders={
-            "typo": {"BACKEND": "workers.decoders.ConsistencyDecoder", "OPTIONS": {"devcie": 1}},
-            "seed": {"BACKEND": "workers.decoders.ConsistencyDecoder", "OPTIONS": {"seed": "1"}},
-            "vague": {"BACKEND": "workers.decoders.TAESDDecoder"},
-            "lost": {"BACKEND": "workers.decoders.TAESDDecoder", "OPTIONS": {"autoencoder": "x"}},
+            "typo": {
+                "BACKEND": "latentstore_workers.decoders.ConsistencyDecoder",
+                "OPTIONS": {"devcie": 1},
+            },
+            "seed": {
+                "BACKEND": "latentstore_workers.decoders.ConsistencyDecoder",
+                "OPTIONS": {"seed": "1"},
+            },
+            "vague": {"BACKEND": "latentstore_workers.decoders.TAESDDecoder"},
+            "lost": {
+                "BACKEND": "latentstore_workers.decoders.TAESDDecoder",
+                "OPTIONS": {"autoencoder": "x"},
+            },
             "where": {
-                "BACKEND": "workers.decoders.TAESDDecoder",
+                "BACKEND": "latentstore_workers.decoders.TAESDDecoder",
                 "OPTIONS": {"RUN": "gpu", "family": "sd"},
             },
         },
@@ -560,13 +578,13 @@ def test_check_flags_unknown_options_and_an_unknown_seed(settings, tiny_vae_dir)
 
 
 README_DECODERS = {
-    "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}},
+    "default": {"BACKEND": "latentstore_workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}},
     "consistency": {
-        "BACKEND": "workers.decoders.ConsistencyDecoder",
+        "BACKEND": "latentstore_workers.decoders.ConsistencyDecoder",
         "OPTIONS": {"pretrained": "openai/consistency-decoder", "RUN": "worker"},
     },
     "taesd": {
-        "BACKEND": "workers.decoders.TAESDDecoder",
+        "BACKEND": "latentstore_workers.decoders.TAESDDecoder",
         "OPTIONS": {"pretrained": "madebyollin/taesd", "device": "cpu"},
     },
     "rgb": {"BACKEND": "latentstore.decoders.LatentRGBDecoder"},

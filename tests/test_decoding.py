@@ -11,12 +11,12 @@ from django.test.utils import CaptureQueriesContext
 from latentstore.decoders import BaseDecoder, IncompatibleLatents, InvalidDecoderError, decoders
 from latentstore.decoding import fit_size
 from latentstore.latents import LatentFormatError
+from latentstore_workers import autoencoders
 from project.models import Photo
 from tests.conftest import latentstore_config, requires_redis
 from tests.test_field import encode_now
 from tests.test_protocol import wait_for
 from tests.tiny import image_bytes, make_test_image
-from workers import autoencoders
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -150,7 +150,10 @@ def test_worker_side_decode_goes_through_the_shared_cache(
         tiny_vae_dir,
         CACHE="redis",
         DECODERS={
-            "default": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"RUN": "worker"}}
+            "default": {
+                "BACKEND": "latentstore_workers.decoders.VAEDecoder",
+                "OPTIONS": {"RUN": "worker"},
+            }
         },
     )
     photo = Photo.objects.create(title="w", image=png_bytes)
@@ -180,7 +183,10 @@ def test_check_flags_a_decoder_for_a_missing_autoencoder(settings, tiny_vae_dir)
     settings.LATENTSTORE = latentstore_config(
         tiny_vae_dir,
         DECODERS={
-            "sdxl": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"autoencoder": "sdxl"}},
+            "sdxl": {
+                "BACKEND": "latentstore_workers.decoders.VAEDecoder",
+                "OPTIONS": {"autoencoder": "sdxl"},
+            },
         },
     )
     (error,) = _errors({"latentstore.E008"})

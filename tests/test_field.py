@@ -16,10 +16,10 @@ from django.forms import modelform_factory
 from django.test.utils import CaptureQueriesContext
 
 from latentstore.fields import LatentsNotReady, without_blobs
+from latentstore_workers import tasks as worker_tasks
 from project.models import Photo
 from tests.testapp.models import Item, Poster
 from tests.tiny import image_bytes, make_test_image
-from workers import tasks as worker_tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

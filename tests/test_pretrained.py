@@ -19,12 +19,12 @@ from latentstore.families import get_family
 from latentstore.latents import read_header, unpack
 from latentstore.preview import latents_to_rgb
 from latentstore.quality import psnr
+from latentstore_workers.autoencoders import load_autoencoder
+from latentstore_workers.pretrained import LS_SMALL, LS_SMALL_FAMILY
+from latentstore_workers.quality import measure_round_trip
+from latentstore_workers.training.data import HELD_OUT, TRAIN_IMAGES, load_image
 from tests.conftest import ls_small_entry, shipped_config
 from tests.tiny import save_tiny_autoencoder
-from workers.autoencoders import load_autoencoder
-from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY
-from workers.quality import measure_round_trip
-from workers.training.data import HELD_OUT, TRAIN_IMAGES, load_image
 
 CARD = json.loads((LS_SMALL / "training.json").read_text())
 
@@ -117,7 +117,7 @@ def test_int4_is_a_real_but_lossy_storage_form(shipped, held_out):
 
 
 def test_trained_model_beats_its_untrained_self_by_a_wide_margin(settings, tmp_path, held_out):
-    from workers.training.train import Recipe, initial_model
+    from latentstore_workers.training.train import Recipe, initial_model
 
     untrained_dir = tmp_path / "untrained"
     recipe = Recipe(**CARD["recipe"])  # the shipped architecture, at its seeded initial weights
@@ -159,7 +159,10 @@ def test_sd_decoder_refuses_ls_small_latents(settings, tmp_path, held_out):
             "sd": {"PRETRAINED": str(sd_dir), "FAMILY": "sd", "DEVICE": "cpu"},
         },
         "DECODERS": {
-            "sd": {"BACKEND": "workers.decoders.VAEDecoder", "OPTIONS": {"autoencoder": "sd"}},
+            "sd": {
+                "BACKEND": "latentstore_workers.decoders.VAEDecoder",
+                "OPTIONS": {"autoencoder": "sd"},
+            },
         },
     }
     header = read_header(measure_round_trip(load_autoencoder("default"), held_out[0][1]).blob)
@@ -170,7 +173,7 @@ def test_sd_decoder_refuses_ls_small_latents(settings, tmp_path, held_out):
 
 def test_naming_the_shipped_weights_imports_no_torch():
     code = (
-        "import sys; from workers.pretrained import LS_SMALL; "
+        "import sys; from latentstore_workers.pretrained import LS_SMALL; "
         "assert LS_SMALL.is_dir(); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

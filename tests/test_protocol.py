@@ -9,12 +9,12 @@ import pytest
 from django.utils import timezone
 
 from latentstore import encoding
+from latentstore_workers import tasks as worker_tasks
 from project.models import Photo
 from tests.conftest import broker_unreachable
 from tests.rows import run_web_tier
 from tests.testapp.models import Item
 from tests.tiny import image_bytes, make_test_image
-from workers import tasks as worker_tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

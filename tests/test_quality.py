@@ -18,18 +18,18 @@ from latentstore import encoding
 from latentstore.checks import check_settings
 from latentstore.fields import LatentImageField
 from latentstore.quality import MAX_PSNR, QualityPolicy, low_fidelity, psnr
+from latentstore_workers import tasks as worker_tasks
 from project.models import Photo
 from tests.conftest import latentstore_config, shipped_config
 from tests.test_field import encode_now
 from tests.tiny import image_bytes, make_test_image
-from workers import tasks as worker_tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def natural_png(width=96, height=64) -> bytes:
     """A crop of a held-out photo (ls-small never trained on it)."""
-    from workers.training.data import load_image
+    from latentstore_workers.training.data import load_image
 
     photo = load_image("skimage:chelsea.png")
     return image_bytes(photo.crop((150, 80, 150 + width, 80 + height)), "PNG")

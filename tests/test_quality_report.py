@@ -29,7 +29,7 @@ def report():
 
 
 def test_budget_search_finds_the_best_quality_that_fits(report):
-    from workers.training.data import load_image
+    from latentstore_workers.training.data import load_image
 
     picture = load_image("skimage:chelsea.png")
     for fmt in ("JPEG", "WEBP"):

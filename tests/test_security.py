@@ -71,7 +71,7 @@ def test_weights_that_are_not_safetensors_are_refused(settings, tmp_path):
     import torch
     from diffusers import AutoencoderKL
 
-    from workers.autoencoders import load_autoencoder
+    from latentstore_workers.autoencoders import load_autoencoder
 
     torch.manual_seed(0)
     model = AutoencoderKL(**tiny_autoencoder_config())

@@ -15,12 +15,12 @@ from diffusers import AutoencoderKL
 from django.test import override_settings
 
 from latentstore.latents import read_header
+from latentstore_workers import autoencoders
+from latentstore_workers.autoencoders import clear_cache, fingerprint_state_dict, load_autoencoder
+from latentstore_workers.codec import NonFiniteLatents, decode_latents, encode_images
+from latentstore_workers.images import to_pil, to_tensor
+from latentstore_workers.quality import measure_round_trip
 from tests.tiny import make_test_image, save_tiny_autoencoder, tiny_autoencoder_config
-from workers import autoencoders
-from workers.autoencoders import clear_cache, fingerprint_state_dict, load_autoencoder
-from workers.codec import NonFiniteLatents, decode_latents, encode_images
-from workers.images import to_pil, to_tensor
-from workers.quality import measure_round_trip
 
 SD3 = {
     "latent_channels": 16,
@@ -137,7 +137,7 @@ def test_half_precision_on_cpu_falls_back_to_float32(sd_dir, caplog):
         reference = load_autoencoder("default").fingerprint
     for dtype in ("float16", "bfloat16"):
         clear_cache()
-        with caplog.at_level(logging.WARNING, logger="workers.autoencoders"):
+        with caplog.at_level(logging.WARNING, logger="latentstore_workers.autoencoders"):
             with override_settings(LATENTSTORE=latentstore(sd_dir, DTYPE=dtype)):
                 ae = load_autoencoder("default")
         assert ae.dtype == torch.float32
@@ -163,7 +163,7 @@ def test_bad_configuration_is_reported(sd_dir, sd3_dir):
 
 
 def test_unknown_family_loads_with_a_warning(sd_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="workers.autoencoders"):
+    with caplog.at_level(logging.WARNING, logger="latentstore_workers.autoencoders"):
         with override_settings(LATENTSTORE=latentstore(sd_dir, FAMILY="my-own")):
             assert load_autoencoder("default").family == "my-own"
     assert any("my-own" in r.getMessage() for r in caplog.records)

@@ -376,7 +376,7 @@ def _load(alias: str, config: dict[str, Any]) -> LoadedAutoencoder:
         # Fixed shapes per batch: let cuDNN pick the fastest convolution algorithms once.
         torch.backends.cudnn.benchmark = True
     compiled = _compile(alias, model, config.get("COMPILE"))
-    from workers.memory import default_budget
+    from latentstore_workers.memory import default_budget
 
     budget = get_settings()["MEMORY_BUDGET"]
     return LoadedAutoencoder(

@@ -22,7 +22,7 @@ copies of its last input, the extra outputs dropped), so it keeps one graph per 
 of recompiling for each odd size.
 
 What a "job" knows — how to stack inputs, call the model and unpack outputs — lives in
-``workers.codec``; this module knows only about batches.
+``latentstore_workers.codec``; this module knows only about batches.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from workers.autoencoders import LoadedAutoencoder
-from workers.memory import activation_bytes, is_out_of_memory, release
+from latentstore_workers.autoencoders import LoadedAutoencoder
+from latentstore_workers.memory import activation_bytes, is_out_of_memory, release
 
 __all__ = ["Batch", "Job", "NonFinite", "Outcome", "OutOfMemory", "plan", "run", "stream"]
 
-logger = logging.getLogger("workers.batching")
+logger = logging.getLogger("latentstore_workers.batching")
 
 
 @dataclass

@@ -6,8 +6,8 @@ blob header records scaling/shift for anyone who needs model-space latents.
 
 :func:`iter_encode` and :func:`iter_decode` are the worker's fast paths: pixels travel to the
 device as uint8 (a quarter of float32's bytes) and are scaled there, batches run in the
-autoencoder's dtype and memory layout, and ``workers.batching`` bounds batches by memory, splits
-them on out-of-memory, bisects poison items and re-runs overflowed items in float32.
+autoencoder's dtype and memory layout, and ``latentstore_workers.batching`` bounds batches by
+memory, splits them on out-of-memory, bisects poison items and re-runs overflowed items in float32.
 :func:`encode_images` and :func:`decode_latents` are the all-or-nothing conveniences on top.
 """
 
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from latentstore import conf
-from workers import batching
-from workers.autoencoders import LoadedAutoencoder
-from workers.batching import NonFinite, Outcome
-from workers.images import padding_for, to_uint8
+from latentstore_workers import batching
+from latentstore_workers.autoencoders import LoadedAutoencoder
+from latentstore_workers.batching import NonFinite, Outcome
+from latentstore_workers.images import padding_for, to_uint8
 
 __all__ = [
     "NonFiniteImage",
@@ -268,7 +268,7 @@ def encode_many(
     sizes: Sequence[tuple[int, int]] | None = None,
     max_batch: int | None = None,
 ) -> list[Outcome]:
-    """:func:`iter_encode` collected: one :class:`~workers.batching.Outcome` per picture."""
+    """:func:`iter_encode` collected: one ``Outcome`` per picture."""
     outcomes: list[Outcome | None] = [None] * len(pictures)
     for done in iter_encode(ae, pictures, sizes=sizes, max_batch=max_batch):
         for index, outcome in done:
@@ -355,7 +355,7 @@ def decode_many(
     *,
     max_batch: int | None = None,
 ) -> list[Outcome]:
-    """:func:`iter_decode` collected: one :class:`~workers.batching.Outcome` per item."""
+    """:func:`iter_decode` collected: one ``Outcome`` per item."""
     outcomes: list[Outcome | None] = [None] * len(items)
     for done in iter_decode(ae, items, max_batch=max_batch):
         for index, outcome in done:

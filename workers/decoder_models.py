@@ -1,7 +1,7 @@
 """Load the decoder-only models (TAESD, the consistency decoder), once per process.
 
-The VAE decoders reuse the autoencoders of :mod:`workers.autoencoders`; the models here are
-decoders in their own right, configured in a decoder's ``OPTIONS`` rather than in
+The VAE decoders reuse the autoencoders of :mod:`latentstore_workers.autoencoders`; the models here
+are decoders in their own right, configured in a decoder's ``OPTIONS`` rather than in
 ``AUTOENCODERS``:
 
 - diffusers ``AutoencoderTiny`` (TAESD) and ``ConsistencyDecoderVAE``, loaded with
@@ -10,8 +10,8 @@ decoders in their own right, configured in a decoder's ``OPTIONS`` rather than i
 - OpenAI's ``consistencydecoder`` package, which downloads and loads a TorchScript archive (see
   :func:`load_openai_consistency_decoder`; opt-in only).
 
-As in :mod:`workers.autoencoders`, nothing loads at import time and the cache is keyed by
-``os.getpid()``: a process that forks (Celery's prefork pool) never hands a model, or a CUDA
+As in :mod:`latentstore_workers.autoencoders`, nothing loads at import time and the cache is keyed
+by ``os.getpid()``: a process that forks (Celery's prefork pool) never hands a model, or a CUDA
 context, to its children; each child loads its own.
 """
 
@@ -28,7 +28,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from latentstore.decoders import weights_signature
-from workers.autoencoders import _resolve_device, _resolve_dtype, load_pretrained
+from latentstore_workers.autoencoders import _resolve_device, _resolve_dtype, load_pretrained
 
 __all__ = [
     "LoadedDecoderModel",

@@ -129,7 +129,7 @@ class VAEDecoder(BaseDecoder):
         return origin is not None and _weights_identity(origin) == _weights_identity(cfg)
 
     def check(self, header: LatentHeader) -> None:
-        from workers.autoencoders import load_autoencoder
+        from latentstore_workers.autoencoders import load_autoencoder
 
         alias = self._alias_for(header.autoencoder)
         try:
@@ -149,8 +149,8 @@ class VAEDecoder(BaseDecoder):
             )
 
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
-        from workers.autoencoders import load_autoencoder
-        from workers.codec import decode_latents
+        from latentstore_workers.autoencoders import load_autoencoder
+        from latentstore_workers.codec import decode_latents
 
         ae = load_autoencoder(self._alias_for(header.autoencoder))
         return decode_latents(ae, latents, header.width, header.height)
@@ -158,9 +158,9 @@ class VAEDecoder(BaseDecoder):
     def decode_many(
         self, items: Sequence[tuple[LatentHeader, np.ndarray]]
     ) -> list[PILImage.Image | Exception]:
-        """Decode in batches per autoencoder (``workers.codec.decode_many``)."""
-        from workers.autoencoders import load_autoencoder
-        from workers.codec import decode_many
+        """Decode in batches per autoencoder (``latentstore_workers.codec.decode_many``)."""
+        from latentstore_workers.autoencoders import load_autoencoder
+        from latentstore_workers.codec import decode_many
 
         results: list[PILImage.Image | Exception | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}
@@ -251,8 +251,8 @@ def _raw_for(header: LatentHeader, latents: np.ndarray, scaling: float) -> torch
 def _to_picture(alias: str, sample: torch.Tensor, header: LatentHeader) -> PILImage.Image:
     import torch
 
-    from workers.codec import NonFiniteImage
-    from workers.images import to_pil
+    from latentstore_workers.codec import NonFiniteImage
+    from latentstore_workers.images import to_pil
 
     if not bool(torch.isfinite(sample).all()):
         raise NonFiniteImage(
@@ -407,7 +407,7 @@ class TAESDDecoder(_ModelDecoder):
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
         import torch
 
-        from workers.decoder_models import load_tiny_autoencoder
+        from latentstore_workers.decoder_models import load_tiny_autoencoder
 
         loaded = self._load(load_tiny_autoencoder)
         cfg = loaded.model.config
@@ -459,7 +459,7 @@ class ConsistencyDecoder(_ModelDecoder):
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
         import torch
 
-        from workers.decoder_models import load_consistency_decoder
+        from latentstore_workers.decoder_models import load_consistency_decoder
 
         loaded = self._load(load_consistency_decoder)
         model = loaded.model
@@ -518,15 +518,17 @@ class OpenAIConsistencyDecoder(BaseDecoder):
                 f"Decoder {alias!r} uses OpenAI's consistencydecoder package, which loads a "
                 "TorchScript (pickle-based) checkpoint; latentstore loads nothing with pickle "
                 "unless told to.",
-                hint="Use workers.decoders.ConsistencyDecoder (safetensors, through diffusers), "
-                "or set OPTIONS 'allow_torchscript': True to accept OpenAI's checkpoint.",
+                hint="Use latentstore_workers.decoders.ConsistencyDecoder (safetensors, through "
+                "diffusers), or set OPTIONS 'allow_torchscript': True to accept OpenAI's "
+                "checkpoint.",
                 check_id="latentstore.E023",
             )
         if importlib.util.find_spec("consistencydecoder") is None:
             raise DecoderConfigError(
                 f"Decoder {alias!r} needs OpenAI's consistencydecoder package, which is not "
                 "installed (it is not on PyPI).",
-                hint=f"{OPENAI_PACKAGE_INSTALL}, or use workers.decoders.ConsistencyDecoder.",
+                hint=f"{OPENAI_PACKAGE_INSTALL}, or use "
+                "latentstore_workers.decoders.ConsistencyDecoder.",
                 check_id="latentstore.E024",
             )
         self.device = device
@@ -549,7 +551,7 @@ class OpenAIConsistencyDecoder(BaseDecoder):
     def decode(self, header: LatentHeader, latents: np.ndarray) -> PILImage.Image:
         import torch
 
-        from workers.decoder_models import load_openai_consistency_decoder
+        from latentstore_workers.decoder_models import load_openai_consistency_decoder
 
         loaded = load_openai_consistency_decoder(
             device=self.device, dtype=self.dtype, download_root=self.download_root

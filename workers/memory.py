@@ -3,8 +3,8 @@
 The batch size of a forward pass is bounded by ``MEMORY_BUDGET`` through an estimate of the
 activations per pixel (:func:`activation_bytes`); the estimate only has to be in the right
 range, because a pass that still runs out of memory is split in halves and retried
-(``workers.batching``). The same helpers measure peak memory for the benchmark, on CUDA from the
-caching allocator and on CPU from the process's resident-set high-water mark.
+(``latentstore_workers.batching``). The same helpers measure peak memory for the benchmark, on CUDA
+from the caching allocator and on CPU from the process's resident-set high-water mark.
 """
 
 from __future__ import annotations

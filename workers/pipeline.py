@@ -7,8 +7,8 @@ row):
    batch with other pending rows of the field — one transaction, staged bytes included.
 2. A per-process thread pool decodes the uploads with Pillow (which releases the GIL); batches
    are planned from the rows' width/height before any pixel is decoded.
-3. :func:`workers.codec.iter_encode_stream` runs the batches (memory-bounded, OOM-split, NaN
-   re-run in float32) and hands back each batch's outcomes as soon as it is done.
+3. :func:`latentstore_workers.codec.iter_encode_stream` runs the batches (memory-bounded,
+OOM-split, NaN re-run in float32) and hands back each batch's outcomes as soon as it is done.
 4. The per-item loop (:meth:`EncodeRun.finish_item`) turns each outcome into a blob, a failure,
    or a retry; where the field's quality gate is on, one batched decode of the batch's blobs
    measures their round trip (:meth:`EncodeRun.measure`); one
@@ -45,12 +45,12 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, conn
 from latentstore import conf, encoding
 from latentstore.encoding import Claim
 from latentstore.latents import blob_digest
-from workers.batching import NonFinite, Outcome, OutOfMemory
-from workers.codec import UnreadablePicture, iter_encode_stream
+from latentstore_workers.batching import NonFinite, Outcome, OutOfMemory
+from latentstore_workers.codec import UnreadablePicture, iter_encode_stream
 
 __all__ = ["BatchReport", "EncodeRun", "encode_rows", "pixel_pool"]
 
-logger = logging.getLogger("workers.pipeline")
+logger = logging.getLogger("latentstore_workers.pipeline")
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
@@ -258,7 +258,7 @@ class EncodeRun:
         The next unit is pulled (its rows claimed, its pictures decoding) while the device runs
         the batch before it, so the device goes from one batch to the next without waiting.
         """
-        from workers.autoencoders import load_autoencoder
+        from latentstore_workers.autoencoders import load_autoencoder
 
         try:
             ae = load_autoencoder(first.alias)
@@ -340,7 +340,7 @@ class EncodeRun:
         the latents are fine, only their score is unknown. With ``keep_original="low_fidelity"``
         such a row keeps its original, since nobody could show it is faithful.
         """
-        from workers.quality import round_trip_psnrs
+        from latentstore_workers.quality import round_trip_psnrs
 
         def unmeasured(done: _Done, exc: BaseException) -> None:
             logger.warning(

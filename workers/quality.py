@@ -22,9 +22,9 @@ from PIL import Image
 
 from latentstore.latents import unpack
 from latentstore.quality import psnr
-from workers.autoencoders import LoadedAutoencoder, _latent_factors
-from workers.batching import NonFinite
-from workers.codec import decode_latents, decode_many, encode_images
+from latentstore_workers.autoencoders import LoadedAutoencoder, _latent_factors
+from latentstore_workers.batching import NonFinite
+from latentstore_workers.codec import decode_latents, decode_many, encode_images
 
 __all__ = [
     "RoundTrip",
@@ -34,7 +34,7 @@ __all__ = [
     "wrap",
 ]
 
-logger = logging.getLogger("workers.quality")
+logger = logging.getLogger("latentstore_workers.quality")
 
 
 def round_trip_psnrs(
@@ -81,7 +81,7 @@ def _weights_state(model: torch.nn.Module) -> tuple | None:
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
-    from workers.autoencoders import fingerprint_state_dict
+    from latentstore_workers.autoencoders import fingerprint_state_dict
 
     state = _weights_state(model)
     hit = _fingerprints.get(model)

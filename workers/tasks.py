@@ -15,7 +15,7 @@ from django.db import DatabaseError, InterfaceError
 
 from latentstore import conf, encoding
 
-logger = logging.getLogger("workers.tasks")
+logger = logging.getLogger("latentstore_workers.tasks")
 
 
 def _retry_delay(task) -> int:
@@ -24,7 +24,7 @@ def _retry_delay(task) -> int:
 
 
 def _encode(task, label: str, field_name: str, items: list[tuple[Any, str]]):
-    from workers.pipeline import encode_rows
+    from latentstore_workers.pipeline import encode_rows
 
     try:
         return encode_rows(label, field_name, items, fill=True)

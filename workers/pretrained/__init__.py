@@ -4,8 +4,8 @@ Only paths here (no torch): settings point ``PRETRAINED`` at them, and the worke
 with ``from_pretrained`` like any other local directory.
 
 - :data:`LS_SMALL` -- ``ls-small``, a 4-channel ``AutoencoderKL`` (8x downsampling) trained on
-  a CPU by ``python -m workers.training.train``; its latents are family ``"ls-small"``. See its
-  model card, ``workers/pretrained/ls-small/README.md``.
+  a CPU by ``python -m latentstore_workers.training.train``; its latents are family ``"ls-small"``.
+  See its model card, ``workers/pretrained/ls-small/README.md``.
 """
 
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 Run (needs the ``train`` extra: ``pip install -e '.[train]'``)::
 
-    python -m workers.training.train --out workers/pretrained/ls-small
+    python -m latentstore_workers.training.train --out workers/pretrained/ls-small
 
 Everything is seeded (the model's initial weights, the crops, the text, the KL samples); on the
 same torch build and thread count two runs give the same weights up to float rounding in the
@@ -37,7 +37,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from workers.training.data import HELD_OUT, TRAIN_IMAGES, CropSampler, load_image
+from latentstore_workers.training.data import HELD_OUT, TRAIN_IMAGES, CropSampler, load_image
 
 __all__ = ["Recipe", "build_model", "main", "train"]
 
@@ -320,7 +320,7 @@ def latent_statistics(model: AutoencoderKL, names: tuple[str, ...] = TRAIN_IMAGE
     ``(raw - shift) * scale`` plus a bias to the picture averaged over each 8x8 cell, in
     [-1, 1] -- what :mod:`latentstore.preview` applies.
     """
-    from workers.images import to_tensor
+    from latentstore_workers.images import to_tensor
 
     d = 2 ** (len(model.config.block_out_channels) - 1)
     raws, targets = [], []
@@ -393,7 +393,7 @@ def evaluate_dir(out: Path) -> dict:
     """Measure the *saved* weights on the held-out photos; update the log and the model card."""
     record = json.loads((out / "training.json").read_text())
     recipe = Recipe(**record["recipe"])
-    from workers.autoencoders import load_pretrained
+    from latentstore_workers.autoencoders import load_pretrained
 
     model, _ = load_pretrained(
         AutoencoderKL, str(out), device=torch.device("cpu"), dtype=torch.float32
@@ -549,7 +549,7 @@ def baseline_psnr(picture: Image.Image, cell: int = 8) -> float:
 
 def evaluate(model: AutoencoderKL, untrained: AutoencoderKL) -> dict:
     """PSNR/SSIM of the held-out photos through the production path, float16 and int8 blobs."""
-    from workers.quality import measure_round_trip, measure_round_trips
+    from latentstore_workers.quality import measure_round_trip, measure_round_trips
 
     rows = []
     for name in HELD_OUT:

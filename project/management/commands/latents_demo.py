@@ -21,8 +21,10 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.test.utils import override_settings
 
-from workers.pretrained import LS_SMALL, LS_SMALL_FAMILY  # paths only, no torch
-from workers.training.data import HELD_OUT as TRAINING_HELD_OUT  # numpy and Pillow, no torch
+from latentstore_workers.pretrained import LS_SMALL, LS_SMALL_FAMILY  # paths only, no torch
+from latentstore_workers.training.data import (
+    HELD_OUT as TRAINING_HELD_OUT,  # numpy and Pillow, no torch
+)
 
 SAMPLES = (
     "astronaut.png",
