@@ -74,7 +74,7 @@ def picture(size: int, fmt: str) -> bytes:
     """A natural photo (scikit-image's astronaut when installed) as the cache would hold it."""
     from PIL import Image
 
-    from latentstore.decoding import encode_picture
+    from latentstore.decoding import picture_bytes
 
     try:
         from skimage import data
@@ -82,7 +82,7 @@ def picture(size: int, fmt: str) -> bytes:
         img = Image.fromarray(data.astronaut())
     except ImportError:
         img = Image.radial_gradient("L").convert("RGB")
-    return encode_picture(img.resize((size, size), Image.Resampling.LANCZOS), fmt)
+    return picture_bytes(img.resize((size, size), Image.Resampling.LANCZOS), fmt)
 
 
 def timed(fn, ops: int) -> float:
@@ -113,7 +113,9 @@ def main() -> None:
     from django.core.files.storage import FileSystemStorage
 
     from latentstore import cache as tiers
-    from latentstore.decoding import cache_key, decode_bytes, get_cache, key_for
+    from latentstore.cache import get_cache
+    from latentstore.cache import picture_key as cache_key
+    from latentstore.decoding import decode_bytes, key_for
     from latentstore.latents import blob_digest, pack
     from latentstore.preview import latents_to_rgb
     from project.models import Photo

@@ -7,16 +7,18 @@ weights from a seed, saved as safetensors and loaded through the production ``PR
 path; compute does not depend on the weights' values). For each size it measures, side by side:
 
 1. **seed** — a plain diffusers loop, one image at a time, float32, default memory layout;
-2. **ours** — ``latentstore_workers.codec.encode_many`` / ``decode_many``: batched, ``--dtype``,
+2. **ours** — ``latentstore_workers.codec.encode_many`` / ``decode_outcomes``: batched, ``--dtype``,
    ``--channels-last`` and ``torch.compile`` (``--compile``) when asked; beside it **forward**,
    the same model's bare forward passes on inputs already on the device, so the table shows
    what the pipeline around the model costs (ours / forward);
-3. **e2e** — rows staged through the ORM (``bulk_create``, not timed), then timed from
-   ``enqueue_encode_batch`` through a real Celery worker process (Redis, PostgreSQL: claim,
-   Pillow decode, encode, write-back) to the latents read back and unpacked, compared with
-   (2) — encode only.
+3. **e2e** — the whole path (``bench/endtoend.py``): rows saved by this process playing the web
+   process, one by one (a message each, as a site's uploads) and in bulk (``batched_enqueue``,
+   as an import), encoded by a real Celery worker process (Redis, PostgreSQL: claim, Pillow
+   decode, encode, write-back) until every row is ready, compared with (1) and (2) — encode
+   only; beside it the first picture on an idle worker, the cost of a message whose row is
+   already done, and the host stages per picture.
 
-and prints images/s, the ratios (2)/(1) and (3)/(2), peak memory, and achieved TFLOP/s (FLOPs of
+and prints images/s, the ratios (2)/(1) and (3)/(1), peak memory, and achieved TFLOP/s (FLOPs of
 one forward pass counted by ``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the
 device's peak — the datasheet's dense figure when the GPU is in the table below, else a large
 matmul measured here (the table says which). Finally it decodes one ``--large`` picture tiled
@@ -26,6 +28,7 @@ Examples::
 
     python bench/gpu_bench.py --device auto --sizes 512 1024 --out table.md   # a GPU
     python bench/gpu_bench.py --device cpu                                      # 128², 256²
+    python bench/gpu_bench.py --device cpu --ops encode --sizes 128 192 --count 12 --large 0
 
 End to end needs PostgreSQL and Redis (``--database-url``, ``--broker-url``); without them that
 part is skipped, saying so. Nothing here is a test: no assertion, only measurements.
@@ -35,12 +38,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,7 +85,7 @@ class Row:
     op: str  # encode / decode
     size: int
     path: str  # seed / ours / e2e / tiled / untiled
-    batch: int
+    batch: int | str
     dtype: str
     images: int
     seconds: float
@@ -104,9 +104,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--sizes", type=int, nargs="+", help="square sizes (GPU 512 1024; CPU 128 256)")
     p.add_argument("--dtype", help="ours/e2e precision (GPU float16; CPU float32)")
-    p.add_argument("--batch", type=int, help="images per forward pass (GPU 16; CPU 2)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="images per forward pass (GPU 16; CPU: the worker's CPU plan, bare passes of 1)",
+    )
+    p.add_argument(
+        "--cpu-batch", default="auto", help="the CPU_BATCH_SIZE setting: auto, none or a number"
+    )
+    p.add_argument("--ops", nargs="+", default=["encode", "decode"], help="encode and/or decode")
     p.add_argument("--count", type=int, help="images per measurement (GPU 64; CPU 2)")
-    p.add_argument("--e2e-count", type=int, help="rows for end to end (GPU 1024; CPU --count)")
+    p.add_argument(
+        "--e2e-count", type=int, help="rows for end to end (GPU 1024; CPU --count, at least 12)"
+    )
+    p.add_argument("--first-runs", type=int, default=2, help="first-picture tries; best counts")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="e2e rounds, each beside a seed loop; best counts"
+    )
+    p.add_argument("--stale-messages", type=int, default=100, help="done-row messages sent")
+    p.add_argument("--stage-rows", type=int, default=4, help="rows timed stage by stage")
     p.add_argument(
         "--compile",
         nargs="?",
@@ -140,13 +156,15 @@ def fill_defaults(args: argparse.Namespace, device) -> None:
     gpu = device.type == "cuda"
     args.sizes = args.sizes or ([512, 1024] if gpu else [128, 256])
     args.dtype = args.dtype or ("float16" if gpu else "float32")
-    args.batch = args.batch or (16 if gpu else 2)
+    args.device_type = device.type
+    args.explicit_batch = args.batch is not None
+    args.batch = args.batch or (16 if gpu else 1)
     args.count = args.count or (64 if gpu else 2)
     # Whole batches only: a remainder would be another shape (another cuDNN plan, a recompile).
     args.count = max(args.batch, args.count // args.batch * args.batch)
     # End to end runs longer so its fixed costs (the first batch's pixels, the last write-back,
     # noticing the end) weigh as they would on a busy worker, not as in a 0.1 s sprint.
-    args.e2e_count = args.e2e_count or (1024 if gpu else args.count)
+    args.e2e_count = args.e2e_count or (1024 if gpu else max(12, args.count))
     args.e2e_count = max(args.batch, args.e2e_count // args.batch * args.batch)
     args.large = args.large if args.large is not None else (2048 if gpu else 256)
     args.tile_size = args.tile_size or (512 if gpu else 128)
@@ -171,11 +189,12 @@ def latentstore_config(model_dir: Path, args: argparse.Namespace, device) -> dic
         "CHANNELS_LAST": bool(args.channels_last),
         "COMPILE": compile_setting(args.compile),
     }
-    return {
-        "AUTOENCODERS": {"default": entry},
-        "ENCODE_BATCH_SIZE": args.batch,
-        "DECODE_BATCH_SIZE": args.batch,
-    }
+    config: dict[str, Any] = {"AUTOENCODERS": {"default": entry}}
+    if device.type == "cuda" or args.explicit_batch:
+        config["ENCODE_BATCH_SIZE"] = config["DECODE_BATCH_SIZE"] = args.batch
+    cpu_batch = str(args.cpu_batch).lower()
+    config["CPU_BATCH_SIZE"] = {"auto": "auto", "none": None}.get(cpu_batch) or int(cpu_batch)
+    return config
 
 
 def compile_setting(value: str | None) -> bool | dict[str, Any]:
@@ -312,114 +331,6 @@ def seed_decode(model, latents, device, size: int) -> list:
     return out
 
 
-def run_e2e(args, device, sizes: list[int], config: dict[str, Any], log) -> list[Row]:
-    """Rows saved in one transaction, encoded by a Celery worker process, read back."""
-    import numpy as np
-    from django.db import transaction
-    from django.test.utils import setup_databases, teardown_databases
-
-    from latentstore import encoding
-    from latentstore.latents import unpack
-    from project.models import Photo
-
-    old = setup_databases(verbosity=0, interactive=False)
-    worker = None
-    rows: list[Row] = []
-    try:
-        from urllib.parse import quote
-
-        from django.db import connection
-
-        db = connection.settings_dict
-        credentials = quote(db["USER"] or "") + (
-            ":" + quote(db["PASSWORD"]) if db.get("PASSWORD") else ""
-        )
-        url = f"postgresql://{credentials}@{db['HOST']}:{db['PORT']}/{quote(db['NAME'])}"
-        env = {**os.environ, "DATABASE_URL": url}
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "project",
-                "--quiet",
-                "worker",
-                "-P",
-                "solo",
-                "-Q",
-                "latents.encode",
-                "--loglevel=WARNING",
-                "--without-heartbeat",
-                "--without-mingle",
-                "--without-gossip",
-                "-n",
-                f"bench-{os.getpid()}@%h",
-            ],
-            env=env,
-            cwd=ROOT,
-        )
-
-        def save(blobs: list[bytes]) -> tuple[list[tuple[int, str]], float]:
-            """Stage rows as the web tier would (bulk_create: no messages yet); not timed."""
-            start = time.perf_counter()
-            with transaction.atomic():
-                created = Photo.objects.bulk_create(
-                    [Photo(title="bench", image=b) for b in blobs], batch_size=64
-                )
-            pointers = [(p.pk, str(p.image_token)) for p in created]
-            return pointers, time.perf_counter() - start
-
-        # Checking for the end costs a query; on a small CPU box frequent checks would steal the
-        # worker's cores (the seconds measured there are long anyway).
-        poll = 0.002 if device.type == "cuda" else 0.05
-
-        def encode_and_read_back(pointers: list[tuple[int, str]], timeout: float) -> float:
-            """From the batch messages to the latents read back: the worker's end to end."""
-            pks = [pk for pk, _token in pointers]
-            start = time.perf_counter()
-            encoding.enqueue_encode_batch("demo.Photo", "image", pointers)
-            deadline = time.monotonic() + timeout
-            pending = Photo.objects.filter(pk__in=pks).exclude(image_state__in=["ready", "failed"])
-            while pending.exists():
-                if worker.poll() is not None:
-                    raise RuntimeError(f"the worker exited with {worker.returncode}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"rows not encoded within {timeout} s")
-                time.sleep(poll)
-            blobs_back = Photo.objects.filter(pk__in=pks).values_list("image", flat=True)
-            arrays = [unpack(bytes(b))[1] for b in blobs_back if b is not None]
-            seconds = time.perf_counter() - start
-            if len(arrays) != len(pks) or not all(np.isfinite(a).all() for a in arrays):
-                raise RuntimeError(f"{len(pks) - len(arrays)} rows did not encode")
-            return seconds
-
-        for size in sizes:
-            blobs = []
-            for img in pictures(size, args.e2e_count, args.seed + size):
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=95)
-                blobs.append(buf.getvalue())
-            # Warm-up: the worker loads the model (first size only) and plans this shape.
-            encode_and_read_back(save(blobs[: args.batch])[0], timeout=1800)
-            pointers, save_seconds = save(blobs)
-            seconds = encode_and_read_back(pointers, timeout=1800)
-            count = len(pointers)
-            log(f"  e2e encode {size}²: {count / seconds:.2f} images/s")
-            rows.append(Row("encode", size, "e2e", args.batch, args.dtype, count, seconds))
-            rows[-1].note = f"{count} rows; saving them took {save_seconds:.2f} s, not counted"
-    finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-        teardown_databases(old, verbosity=0)
-    return rows
-
-
 def services_available(args) -> str | None:
     import socket
     from urllib.parse import urlparse
@@ -454,8 +365,11 @@ def table(rows: list[Row], peak: dict[str, tuple[float, str]], header: list[str]
             ratio = f"{r.ips / by_key[(r.op, r.size, 'seed')].ips:.2f}× seed"
             if r.path == "ours" and (r.op, r.size, "forward") in by_key:
                 ratio += f", {r.ips / by_key[(r.op, r.size, 'forward')].ips:.2f}× forward"
-        elif r.path == "e2e" and (r.op, r.size, "ours") in by_key:
+        elif r.path.startswith("e2e") and (r.op, r.size, "ours") in by_key:
             ratio = f"{r.ips / by_key[(r.op, r.size, 'ours')].ips:.2f}× ours"
+            beside = (r.op, r.size, "seed, interleaved with e2e")
+            if beside in by_key:
+                ratio = f"**{r.ips / by_key[beside].ips:.2f}× seed**, " + ratio
         achieved = fraction = "—"
         if r.flops:
             tflops = r.flops * r.ips / 1e12
@@ -528,6 +442,7 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     name = name or platform.machine()
     log(f"device {device} ({name}); ours: {ours.dtype}, batch {args.batch}, compile {args.compile}")
+    load_before = os.getloadavg()[0]
 
     peak = {"float32": peak_tflops(device, "float32")}
     peak[args.dtype] = peak_tflops(device, args.dtype)
@@ -535,23 +450,11 @@ def main() -> int:
     for size in args.sizes:
         rows += bench_size(size, args, device, ours, seed_model, log)
 
-    e2e_note = "skipped (--no-e2e)" if args.no_e2e else services_available(args)
-    if e2e_note is None:
-        try:
-            e2e_rows = run_e2e(args, device, args.sizes, config, log)
-        except Exception as exc:  # report, and still print the rest
-            e2e_note = f"failed: {type(exc).__name__}: {exc}"
-        else:
-            for row in e2e_rows:
-                at = next(
-                    i
-                    for i, r in enumerate(rows)
-                    if (r.op, r.size, r.path) == ("encode", row.size, "ours")
-                )
-                row.flops = rows[at].flops
-                rows.insert(at + 1, row)
-    if e2e_note:
-        log(f"  end to end: {e2e_note}")
+    def seed_loop(size: int, count: int) -> float:
+        images = pictures(size, count, args.seed + size)
+        return timed(device, lambda: seed_encode(seed_model, images, device))
+
+    e2e_note, e2e_text = end_to_end(args, rows, log, seed_loop)
 
     if args.large:
         rows += large_decode(args, device, ours, log)
@@ -565,6 +468,8 @@ def main() -> int:
         f"- model: full SD VAE architecture, random weights (seed {args.seed}); ours: "
         f"{args.dtype}, channels_last={args.channels_last}, compile={args.compile}; "
         "seed: float32, one at a time",
+        f"- load average (1 min) {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the "
+        f"end; CPU_BATCH_SIZE {config.get('CPU_BATCH_SIZE')!r} (CPU only)",
         f"- images per measurement: {args.count}; peak memory: "
         + (
             "torch.cuda.max_memory_allocated"
@@ -574,7 +479,7 @@ def main() -> int:
     ]
     if e2e_note:
         header.append(f"- end to end: {e2e_note}")
-    text = table(rows, peak, header)
+    text = table(rows, peak, header) + e2e_text
     print()
     print(text)
     if args.out:
@@ -587,34 +492,116 @@ def main() -> int:
     return 0
 
 
-def bench_size(size: int, args, device, ours, seed_model, log) -> list[Row]:
-    """Seed and ours, encode and decode, at one size."""
+def end_to_end(args, rows: list[Row], log, seed_loop) -> tuple[str | None, str]:
+    """Run ``bench/endtoend.py``; add its rows to ``rows``; its note and extra tables."""
+    from bench import endtoend
 
-    from latentstore_workers.codec import decode_many, encode_many
+    note = "skipped (--no-e2e)" if args.no_e2e else services_available(args)
+    if note is None and "encode" not in args.ops:
+        note = "skipped (encode not in --ops)"
+    if note is not None:
+        log(f"  end to end: {note}")
+        return note, ""
+    try:
+        results = endtoend.run(args, args.sizes, pictures, seed_loop, log)
+    except Exception as exc:  # report, and still print the rest
+        log(f"  end to end failed: {type(exc).__name__}: {exc}")
+        return f"failed: {type(exc).__name__}: {exc}", ""
+    firsts = [
+        "| size | the model's time for one picture (the seed loop, beside each try) | "
+        "first picture, end to end | ratio |"
+    ]
+    firsts.append("|---|---|---|---|")
+    stale = []
+    for result in results:
+        at = next(
+            i
+            for i, r in enumerate(rows)
+            if (r.op, r.size, r.path) == ("encode", result.size, "ours")
+        )
+        paths = (
+            ("seed, interleaved with e2e", result.seed),
+            ("e2e one by one", result.one_by_one),
+            ("e2e bulk", result.bulk),
+        )
+        for path, seconds in paths:
+            batch = 1 if path.startswith("seed") else rows[at].batch
+            row = Row("encode", result.size, path, batch, args.dtype, result.rows, seconds)
+            row.flops = rows[at].flops
+            row.note = f"{result.rows} rows, fastest of {args.rounds} rounds"
+            at += 1
+            rows.insert(at, row)
+        one = result.seed_one
+        firsts.append(
+            f"| {result.size}² | {one:.3f} s | {result.first:.3f} s "
+            f"(best of {args.first_runs} each) | {result.first / one:.2f}× |"
+        )
+        stale.append(
+            f"- {result.size}²: {result.stale_ms:.1f} ms per message through Celery and Redis, "
+            f"sending included ({args.stale_messages} sent at once); the worker process's CPU "
+            f"{result.stale_cpu_ms:.1f} ms per message; the worker function alone (the claim "
+            f"transaction: no model, no thread, no blob) {result.stale_claim_ms:.1f} ms"
+        )
+    text = "\n## First picture on an idle worker\n\n" + "\n".join(firsts) + "\n"
+    text += "\n## Messages whose row is already done\n\n" + "\n".join(stale) + "\n"
+    text += "\n## Host stages per picture (ms; encode_rows in this process)\n\n"
+    return None, text + endtoend.stage_table(results)
+
+
+def bench_size(size: int, args, device, ours, seed_model, log) -> list[Row]:
+    """Seed and ours, encode (and decode, when in ``--ops``), at one size."""
+
+    from latentstore_workers.codec import encode_many
 
     images = pictures(size, args.count, args.seed + size)
-    enc_flops, dec_flops = count_flops(size)
+    enc_flops = count_flops(size)[0]
     # Warm-ups at full size where they matter (cuDNN plans, compilation); a token one on CPU.
     warm = images if device.type == "cuda" or args.compile else pictures(64, args.batch, 1)
     rows = []
 
-    seed_encode(seed_model, warm[:1], device)  # warm-up
-    seconds, mem = fastest(args, device, lambda: seed_encode(seed_model, images, device))
+    seed_encode(seed_model, warm[:1], device)  # warm-ups
+    encode_many(ours, warm[: args.batch])
+    result: dict[str, Any] = {}
+    # Interleaved, the fastest run of each: on a shared machine both see the same load, and a
+    # slow run flatters neither.
+    seed_runs, ours_runs = [], []
+    for _ in range(max(1, args.seed_runs)):
+        seed_runs.append(measure(device, lambda: seed_encode(seed_model, images, device)))
+        ours_runs.append(measure(device, lambda: result.update(o=encode_many(ours, images))))
+    seconds, mem = min(seed_runs)
     rows.append(Row("encode", size, "seed", 1, "float32", args.count, seconds, mem, enc_flops))
     rows[-1].note = seed_note(args)
     log(f"  seed encode {size}²: {args.count / seconds:.2f} images/s")
 
-    encode_many(ours, warm[: args.batch])  # warm-up
-    result: dict[str, Any] = {}
-    seconds, mem = measure(device, lambda: result.update(o=encode_many(ours, images)))
-    rows.append(Row("encode", size, "ours", args.batch, args.dtype, args.count, seconds, mem))
+    seconds, mem = min(ours_runs)
+    batch = planned_batch(args, ours, "encode", size)
+    rows.append(Row("encode", size, "ours", batch, args.dtype, args.count, seconds, mem))
     rows[-1].flops = enc_flops
     rows[-1].note = _note(result["o"])
     log(f"  ours encode {size}²: {args.count / seconds:.2f} images/s {rows[-1].note}")
     latents = [o.value for o in result["o"] if o.ok]
     rows.insert(-1, bare_forward("encode", size, args, device, ours, enc_flops))
     log(f"  bare forward encode {size}²: {rows[-2].ips:.2f} images/s")
+    if "decode" in args.ops:
+        rows += bench_decode(size, args, device, ours, seed_model, warm, latents, log)
+    return rows
 
+
+def planned_batch(args, ae, op: str, size: int) -> int | str:
+    """The batch size the run used: on a CPU under CPU_BATCH_SIZE "auto", the sizes it ran."""
+    if args.device_type == "cuda" or args.explicit_batch or args.cpu_batch.lower() != "auto":
+        return args.batch
+    runs = ae.pass_times.get((op, (size, size)), {})
+    return "auto: " + "/".join(str(b) for b in sorted(runs)) if runs else "auto"
+
+
+def bench_decode(size: int, args, device, ours, seed_model, warm, latents, log) -> list[Row]:
+    """Seed and ours, decode, at one size."""
+    from latentstore_workers.codec import decode_outcomes, encode_many
+
+    dec_flops = count_flops(size)[1]
+    rows: list[Row] = []
+    result: dict[str, Any] = {}
     warm_latents = [o.value for o in encode_many(ours, warm[: args.batch])]
     warm_size = warm[0].width
     seed_decode(seed_model, warm_latents[:1], device, warm_size)  # warm-up
@@ -624,9 +611,10 @@ def bench_size(size: int, args, device, ours, seed_model, log) -> list[Row]:
     log(f"  seed decode {size}²: {len(latents) / seconds:.2f} images/s")
 
     items = [(z, size, size) for z in latents]
-    decode_many(ours, [(z, warm_size, warm_size) for z in warm_latents])  # warm-up
-    seconds, mem = measure(device, lambda: result.update(d=decode_many(ours, items)))
-    rows.append(Row("decode", size, "ours", args.batch, args.dtype, len(items), seconds, mem))
+    decode_outcomes(ours, [(z, warm_size, warm_size) for z in warm_latents])  # warm-up
+    seconds, mem = measure(device, lambda: result.update(d=decode_outcomes(ours, items)))
+    batch = planned_batch(args, ours, "decode", size)
+    rows.append(Row("decode", size, "ours", batch, args.dtype, len(items), seconds, mem))
     rows[-1].flops = dec_flops
     rows[-1].note = _note(result["d"])
     log(f"  ours decode {size}²: {len(items) / seconds:.2f} images/s {rows[-1].note}")
@@ -683,10 +671,10 @@ def _note(outcomes) -> str:
 
 
 def _large_once(device, ae, z, size: int, path: str, tile: int) -> Row:
-    from latentstore_workers.codec import decode_many
+    from latentstore_workers.codec import decode_outcomes
 
     outcome: dict[str, Any] = {}
-    seconds, mem = measure(device, lambda: outcome.update(o=decode_many(ae, [(z, size, size)])))
+    seconds, mem = measure(device, lambda: outcome.update(o=decode_outcomes(ae, [(z, size, size)])))
     (result,) = outcome["o"]
     note = f"tile {tile}" if path == "tiled" else ""
     if path == "untiled" and result.tiled:

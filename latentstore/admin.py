@@ -11,7 +11,7 @@ preview with a state badge, the latents' origin and a file input to replace the 
 actions "Re-encode selected images" and "Retry failed images".
 
 Rendering never waits for a neural decode and never loads a model: the change list defers every
-latent blob (:func:`~latentstore.fields.without_blobs`) and links each thumbnail's signed URL,
+latent blob (:func:`~latentstore.queries.without_blobs`) and links each thumbnail's signed URL,
 whose view serves the cached decode or the instant latent→RGB preview (and schedules the decode
 for the next view). A pending or failed row shows a placeholder and a badge; unreadable latents
 show an error badge.
@@ -25,6 +25,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IS_POPUP_VAR
+from django.contrib.admin.utils import model_ngettext
 from django.db import models
 from django.http import HttpRequest
 from django.utils.html import format_html
@@ -36,11 +37,10 @@ from latentstore.fields import (
     READY,
     LatentImage,
     LatentImageField,
-    latent_fields_of,
-    without_blobs,
 )
 from latentstore.html import escape, picture_tag, state_badge
 from latentstore.quality import QualityPolicy, low_fidelity_q
+from latentstore.queries import latent_fields_of, without_blobs
 
 THUMBNAIL_COLUMN = "latent_thumbnail"
 
@@ -312,9 +312,14 @@ def _act(
 def _report(
     modeladmin: Any, request: HttpRequest, field: LatentImageField, report: Any, verb: str
 ) -> None:
-    label = f"{field.model._meta.verbose_name_plural} ({field.name})"
+    def label(count: int) -> str:
+        # "1 photo", "2 photos": the model's own singular and plural names.
+        return f"{model_ngettext(field.model, count)} ({field.name})"
+
     if report.staged:
-        modeladmin.message_user(request, f"{report.staged} {label} {verb}.", messages.SUCCESS)
+        modeladmin.message_user(
+            request, f"{report.staged} {label(report.staged)} {verb}.", messages.SUCCESS
+        )
     for reason, count in report.skipped.items():
         hint = (
             " (manage.py latents_reencode --from-decoded re-encodes decoded pixels, lossy)"
@@ -322,12 +327,13 @@ def _report(
             else ""
         )
         modeladmin.message_user(
-            request, f"{count} {label} skipped: {reason}{hint}.", messages.WARNING
+            request, f"{count} {label(count)} skipped: {reason}{hint}.", messages.WARNING
         )
     if report.errors:
         first = "; ".join(f"pk={pk}: {msg}" for pk, msg in list(report.errors.items())[:3])
+        count = len(report.errors)
         modeladmin.message_user(
-            request, f"{len(report.errors)} {label} could not be staged: {first}", messages.ERROR
+            request, f"{count} {label(count)} could not be staged: {first}", messages.ERROR
         )
     if not report.staged and not report.skipped and not report.errors:
-        modeladmin.message_user(request, f"No {label} to act on.", messages.INFO)
+        modeladmin.message_user(request, f"No {label(0)} to act on.", messages.INFO)

@@ -8,4 +8,4 @@ class LatentstoreConfig(AppConfig):
     verbose_name = "Latent images"
 
     def ready(self) -> None:
-        from latentstore import checks  # noqa: F401  (registers the system checks)
+        from latentstore import checks, wiring  # noqa: F401  (registers the system checks)

@@ -3,14 +3,14 @@
 * :class:`LocalLRU` keeps recently served pictures in this process, bounded by their total
   bytes (``LOCAL_CACHE_BYTES``). A hit is a dictionary lookup: no network, no (de)serialising.
 * :class:`TieredCache` puts that LRU in front of the shared Django cache named by
-  ``LATENTSTORE["CACHE"]``; :func:`latentstore.decoding.get_cache` returns one.
+  ``LATENTSTORE["CACHE"]``; :func:`get_cache` returns the configured one.
 * :class:`RedisCache` is a drop-in ``CACHES`` backend for the shared tier. Django's own
   ``RedisCache`` builds a ``redis.Redis`` client on every call and pickles every value; this one
   keeps one client (one connection pool) per process and server, and stores bytes as they are
   (no pickle, anywhere).
 
-Only *content-addressed* keys (:func:`is_content_key`: blob digest + decoder alias + decoder
-fingerprint + size + format, as :func:`latentstore.decoding.cache_key` writes them) ever enter
+Only *content-addressed* keys (:func:`picture_key` writes them, :func:`is_content_key` tells
+them apart: blob digest + decoder alias + decoder fingerprint + size + format) ever enter
 the LRU. Their value can never change — a re-encoded row has a new digest, a changed decoder a
 new fingerprint — so a process-local copy is never stale, and no invalidation across processes
 is needed. Everything else (error notes, locks) goes straight to the shared cache. The LRU is
@@ -40,15 +40,26 @@ __all__ = [
     "RedisCache",
     "TieredCache",
     "is_content_key",
+    "picture_key",
+    "get_cache",
     "local_cache",
     "reset",
     "tiered",
 ]
 
+KEY_VERSION = "v1"
+
 # latentstore:<version>:<digest>:<decoder alias>:<decoder fingerprint>:<W>x<H>:<FORMAT>
 _CONTENT_KEY = re.compile(
-    r"latentstore:v\d+:[0-9a-f]{16,}:[^\s:]+:[0-9a-f]{8,}:\d+x\d+:(?:PNG|WEBP|JPEG)"
+    r"latentstore:v\d+:[0-9a-f]{16,}:[^\s:]+:[0-9a-f]{8,}:\d+x\d+:(?:PNG|WEBP|JPEG|AVIF)"
 )
+
+
+def picture_key(
+    digest: str, alias: str, fingerprint: str, size: tuple[int, int], format: str
+) -> str:
+    """The content-addressed cache key of one decoded picture (see :func:`is_content_key`)."""
+    return f"latentstore:{KEY_VERSION}:{digest}:{alias}:{fingerprint}:{size[0]}x{size[1]}:{format}"
 
 
 def is_content_key(key: str) -> bool:
@@ -140,13 +151,49 @@ def local_cache() -> LocalLRU:
     return lru
 
 
+class VerifiedRows:
+    """Rows this process found ready with a given digest, remembered for a few seconds.
+
+    A warm picture request whose row was verified within ``URL_ROW_CHECK_SECONDS`` is served
+    from the cache without asking the database: a deleted or re-uploaded row's picture stays
+    servable at most that long, by a process that served it just before. Bounded in entries;
+    plain dict operations, atomic under the GIL.
+    """
+
+    MAX_ENTRIES = 50_000
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[Any, ...], tuple[float, Any]] = {}
+
+    def get(self, key: tuple[Any, ...], now: float) -> Any | None:
+        """What :meth:`add` remembered for ``key``, unless its time has passed."""
+        hit = self._rows.get(key)
+        if hit is None or hit[0] <= now:
+            return None
+        return hit[1]
+
+    def add(self, key: tuple[Any, ...], facts: Any, until: float) -> None:
+        if len(self._rows) >= self.MAX_ENTRIES:
+            self._rows.clear()  # cheaper than an LRU, and the rows are re-verified in a query
+        self._rows[key] = (until, facts)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+
+#: This process's :class:`VerifiedRows` (the picture view's).
+verified_rows = VerifiedRows()
+
+
 def reset() -> None:
-    """Drop this process's LRU (it is rebuilt, empty, from the current settings on next use)."""
+    """Drop this process's LRU (it is rebuilt, empty, from the current settings on next use)
+    and its verified rows."""
     global _local
     with _local_lock:
         if _local is not None:
             _local.clear()
         _local = None
+    verified_rows.clear()
 
 
 @receiver(setting_changed)
@@ -238,6 +285,11 @@ class TieredCache:
 def tiered(alias: str) -> TieredCache:
     """The LRU in front of ``caches[alias]``."""
     return TieredCache(caches[alias], local_cache())
+
+
+def get_cache() -> TieredCache:
+    """The decode cache: this process's LRU in front of the shared cache named by ``CACHE``."""
+    return tiered(conf.get_settings()["CACHE"])
 
 
 # --- the shared tier on Redis ---------------------------------------------------------------

@@ -24,7 +24,7 @@ DEFAULT_AUTOENCODER: dict[str, Any] = {
     # How the worker runs it (see workers/autoencoders.py). DTYPE applies on GPUs; on CPU,
     # half-precision convolutions are slow or missing, so CPU_DTYPE (float32) is used there.
     "CPU_DTYPE": "float32",
-    # channels_last memory layout. Off by default: measured on an H200 (README, "GPU
+    # channels_last memory layout. Off by default: measured on an H200 (docs/benchmarks.md, "GPU
     # benchmark"), eager GroupNorm in channels_last is 3x slower and costs more than the
     # convolutions gain; with COMPILE it may pay off -- measure.
     "CHANNELS_LAST": False,
@@ -82,11 +82,24 @@ DEFAULTS: dict[str, Any] = {
     # Bytes of activations one forward pass may use; None: 80 % of the GPU's free memory when
     # the model loads, or a quarter of the RAM on CPU. Bigger images make smaller batches.
     "MEMORY_BUDGET": None,
-    # Threads that decode uploads (Pillow) on the worker while the model runs.
+    # Threads that decode uploads (Pillow) on the worker while the model runs (beside a CPU
+    # model, only as many as the cores torch leaves free, at least one).
     "PIXEL_THREADS": 4,
+    # Images per forward pass on a CPU, where big batches are slower per picture: "auto" picks
+    # the size with the best measured pictures/s (from the worker's own passes, per shape), an
+    # integer fixes it, None uses the memory plan as on a GPU. Bounded by the batch sizes above.
+    "CPU_BATCH_SIZE": "auto",
+    # torch's threads on a CPU worker (None: torch's default, one per core it may use).
+    "CPU_THREADS": None,
+    # A worker whose claim found rows arriving (others pending, but fewer than its next pass
+    # takes) waits this long, once, and claims again before it starts; nothing pending: no wait.
+    "FILL_WAIT_SECONDS": 0.05,
     # Seconds before an item is retried after a transient failure (one entry per attempt).
     "RETRY_DELAYS": (2, 10, 30),
-    "LEASE_SECONDS": 600,  # a pending/encoding row older than this is re-enqueued by the sweeper
+    # A claim's lease: the worker's heartbeat renews it every third of this while it works on
+    # the rows; a pending/encoding row whose lease ran out is re-enqueued by the sweeper. With
+    # the sweeper every 60 s, a dead worker's rows are back in work within about 2 minutes.
+    "LEASE_SECONDS": 60,
     "MAX_ATTEMPTS": 3,  # encode attempts before a row is marked failed
     "DECODE_TIMEOUT": 120,  # seconds decode() waits for a worker-side decode
     # Concurrent misses for one picture decode it once: the first takes a lock in the cache for
@@ -100,14 +113,30 @@ DEFAULTS: dict[str, Any] = {
     "URL_MAX_SIZE": 2048,
     "URL_EXPIRES": None,
     "URL_CACHE_SECONDS": 365 * 24 * 60 * 60,
+    # A process that found a picture's row ready serves that picture from the cache without
+    # asking the database again for this many seconds (0: every request queries): a deleted or
+    # re-uploaded row's picture stays servable at most this long.
+    "URL_ROW_CHECK_SECONDS": 10,
+    # Mixed into every URL's signature: change it to revoke every URL signed before (without
+    # rotating SECRET_KEY, which signs sessions and more).
+    "URL_SALT": "",
+    # Seconds a preview (served while the decode is pending) stays in the cache, and the
+    # longest side it is rendered at: a placeholder gains nothing from more pixels than its
+    # latent grid has, and a 2,000 px preview cost a second of CPU per request.
+    "PREVIEW_CACHE_SECONDS": 300,
+    "PREVIEW_MAX_SIDE": 512,
     # A picture served as the instant preview schedules one warm-up decode on the decode
     # queue; further requests within this many seconds do not schedule another.
     "WARMUP_LOCK_SECONDS": 120,
+    # {% latent_picture %} and the REST field: the widths of each srcset (those above the
+    # picture's own width are left out), the <source> formats in order of preference (the
+    # fallback <img> is JPEG), the default `sizes` attribute, and the static file shown for
+    # a failed image.
+    "PICTURE_WIDTHS": (320, 640, 960, 1280, 1920),
+    "PICTURE_FORMATS": ("avif", "webp"),
+    "PICTURE_SIZES": "100vw",
+    "PICTURE_PLACEHOLDER": "latentstore/failed.svg",
 }
-
-
-class ImproperlyConfiguredLatentstore(Exception):
-    """Raised for a LATENTSTORE setting that cannot work (system checks give the details)."""
 
 
 @functools.cache
@@ -140,9 +169,7 @@ def get_autoencoder_config(alias: str) -> dict[str, Any]:
 
 @receiver(setting_changed)
 def _reset(*, setting: str, **kwargs: Any) -> None:
+    # Modules that build things from these settings (the decoder registry, the caches) listen
+    # to the same signal themselves: conf, at the bottom of the package, imports none of them.
     if setting in ("LATENTSTORE", "CACHES", "STORAGES"):
         get_settings.cache_clear()
-        # Late import: decoders imports conf.
-        from latentstore import decoders
-
-        decoders.reset()

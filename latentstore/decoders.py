@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.utils.functional import cached_property
 from django.utils.module_loading import import_string
 
 from latentstore import conf
+from latentstore.exceptions import DecoderUnavailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -104,6 +107,8 @@ class BaseDecoder:
     #: Concurrent misses for the same picture wait for one decode (a short cache lock). Off for
     #: decoders so cheap that the lock's round trips would cost more than decoding twice.
     single_flight: bool = True
+    #: Runs a torch model: a process without torch cannot run it locally (see the W044 check).
+    needs_torch: bool = False
     #: Cheap enough to render inside a picture request on a cache miss (instead of serving the
     #: preview and scheduling a warm-up decode).
     instant: bool = False
@@ -181,7 +186,7 @@ class BaseDecoder:
         """
         raise NotImplementedError
 
-    def decode_many(
+    def decode_batch(
         self, items: Sequence[tuple[LatentHeader, np.ndarray]]
     ) -> list[PILImage.Image | Exception]:
         """Decode several latents; per item the picture, or the exception that stopped it.
@@ -306,7 +311,10 @@ class DecoderHandler:
         backend_path = cfg.get("BACKEND")
         if not backend_path:
             raise InvalidDecoderError(f"Decoder {alias!r} has no BACKEND")
-        backend_cls = import_string(backend_path)
+        try:
+            backend_cls = import_string(backend_path)
+        except ModuleNotFoundError as exc:
+            raise missing_module(alias, exc) from exc
         return backend_cls(alias, **cfg.get("OPTIONS", {}))
 
     def reset(self) -> None:
@@ -317,7 +325,25 @@ class DecoderHandler:
 
 decoders = DecoderHandler()
 
+#: Top-level packages whose absence means "the worker extra is not installed here".
+WORKER_PACKAGES = ("torch", "diffusers", "safetensors", "latentstore_workers")
+
+
+def missing_module(alias: str, exc: ModuleNotFoundError) -> Exception:
+    """The error to raise when decoder ``alias`` hits ``exc``: :class:`DecoderUnavailable`
+    naming the fix when the worker extra is missing, else ``exc`` itself."""
+    package = (exc.name or "").partition(".")[0]
+    if package in WORKER_PACKAGES:
+        return DecoderUnavailable(alias, package)
+    return exc
+
 
 def reset() -> None:
     """Forget built backends and settings (called on ``setting_changed``)."""
     decoders.reset()
+
+
+@receiver(setting_changed)
+def _reset_on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting in ("LATENTSTORE", "CACHES", "STORAGES"):
+        reset()

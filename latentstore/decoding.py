@@ -1,4 +1,8 @@
-"""Cached decoding: content-addressed cache keys, local or worker-side decode, size fitting.
+"""Cached decoding: one picture of a stored image, from the cache or decoded now.
+
+A decode goes one way: the value object (``fields.LatentImage``) asks this module, which looks
+the decoder backend up once (:func:`rendition`), reads the cache, and on a miss runs the backend
+here or sends a decode task to a worker (``RUN="worker"``).
 
 A cache key is made of the blob digest, the decoder alias and fingerprint, the output size and
 format — all known from the row's small columns, so a cache hit reads no blob and loads no model,
@@ -13,140 +17,178 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from latentstore import conf
-from latentstore.decoders import RUN_WORKER, decoders
+from latentstore.blobs import prefetch_blobs
+from latentstore.cache import get_cache, picture_key
+from latentstore.decoders import RUN_WORKER, BaseDecoder, decoders, missing_module
+from latentstore.dispatch import Pending, decode_tasks, send_decode_tasks
+from latentstore.exceptions import DecodeFailed, DecodeTimeout
+from latentstore.pictures import (
+    CONTENT_TYPES,
+    fit_size,
+    normalise_format,
+    picture_bytes,
+    transcode,
+)
+from latentstore.preview import preview_picture
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
     from latentstore.fields import LatentImage
 
+__all__ = [
+    "CONTENT_TYPES",
+    "DecodeFailed",
+    "DecodeTimeout",
+    "Rendition",
+    "decode_bytes",
+    "decode_image",
+    "decode_images",
+    "decoder_fingerprint",
+    "derive",
+    "fit_size",
+    "get_cache",
+    "key_for",
+    "MASTER_FORMAT",
+    "master_of",
+    "normalise_format",
+    "picture_bytes",
+    "render",
+    "render_many",
+    "render_rendition",
+    "rendition",
+    "schedule_warmup",
+    "transcode",
+]
+
 logger = logging.getLogger("latentstore.decoding")
 
-KEY_VERSION = "v1"
-FORMATS = {"PNG": "PNG", "WEBP": "WEBP", "JPEG": "JPEG", "JPG": "JPEG"}
-CONTENT_TYPES = {"PNG": "image/png", "WEBP": "image/webp", "JPEG": "image/jpeg"}
-
-
-class DecodeFailed(RuntimeError):
-    """A worker-side decode failed; the message is the worker's."""
-
-
-class DecodeTimeout(TimeoutError):
-    """A worker-side decode did not arrive in the cache within ``DECODE_TIMEOUT`` seconds."""
-
-
-def fit_size(original: tuple[int, int], size: int | tuple[int, int] | None) -> tuple[int, int]:
-    """The output size: the original, or the original fitted into a ``size`` box (aspect kept)."""
-    width, height = original
-    if size is None:
-        return width, height
-    box_w, box_h = (size, size) if isinstance(size, int) else size
-    if box_w <= 0 or box_h <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
-    scale = min(box_w / width, box_h / height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def normalise_format(format: str) -> str:
-    try:
-        return FORMATS[format.upper()]
-    except KeyError:
-        raise ValueError(f"Unsupported format {format!r}; use one of PNG, WEBP, JPEG") from None
-
-
-def cache_key(digest: str, alias: str, fingerprint: str, size: tuple[int, int], format: str) -> str:
-    return f"latentstore:{KEY_VERSION}:{digest}:{alias}:{fingerprint}:{size[0]}x{size[1]}:{format}"
+#: The lossless picture of one size that its other formats are made from (:func:`derive`):
+#: a decoder runs once per size, however many formats a page asks for.
+MASTER_FORMAT = "PNG"
 
 
 _FINGERPRINT_SECONDS = 1.0
 _fingerprints: dict[tuple[str, str], tuple[float, Any, str]] = {}
 
 
-def decoder_fingerprint(alias: str, autoencoder: str) -> str:
-    """``decoders[alias].fingerprint(autoencoder)``, remembered for a second.
+def fingerprint_of(backend: BaseDecoder, autoencoder: str) -> str:
+    """``backend.fingerprint(autoencoder)``, remembered for a second.
 
     A fingerprint stats the weights files (~0.1 ms); a page of thumbnails asks for the same one
     a hundred times, and every cache hit needs it. A changed setting builds a new backend, which
     the memo notices at once.
     """
-    backend = decoders[alias]
     now = time.monotonic()
-    hit = _fingerprints.get((alias, autoencoder))
+    hit = _fingerprints.get((backend.alias, autoencoder))
     if hit is not None and hit[0] > now and hit[1] is backend:
         return hit[2]
     fingerprint = backend.fingerprint(autoencoder)
     if len(_fingerprints) > 1024:
         _fingerprints.clear()
-    _fingerprints[(alias, autoencoder)] = (now + _FINGERPRINT_SECONDS, backend, fingerprint)
+    _fingerprints[(backend.alias, autoencoder)] = (now + _FINGERPRINT_SECONDS, backend, fingerprint)
     return fingerprint
+
+
+def decoder_fingerprint(alias: str, autoencoder: str) -> str:
+    """The fingerprint of decoder ``alias`` for latents of ``autoencoder`` (see
+    :meth:`~latentstore.decoders.BaseDecoder.fingerprint`)."""
+    return fingerprint_of(decoders[alias], autoencoder)
+
+
+@dataclass(frozen=True)
+class Rendition:
+    """One picture of one image: which decoder makes it, at what size, in what format, and the
+    cache key it lives under."""
+
+    alias: str
+    backend: BaseDecoder
+    size: tuple[int, int]
+    format: str
+    fingerprint: str
+    key: str
+
+
+def rendition(
+    image: LatentImage, decoder: str | BaseDecoder, size: Any = None, format: str = "PNG"
+) -> Rendition:
+    """The :class:`Rendition` of ``image`` by ``decoder`` (an alias, or a backend already
+    looked up) fitted into ``size``.
+
+    Looks an alias up (raising ``InvalidDecoderError`` for an unknown one); reads only the
+    row's small columns (size, digest, autoencoder), never the blob.
+    """
+    backend = decoders[decoder] if isinstance(decoder, str) else decoder
+    fmt = normalise_format(format)
+    target = fit_size((image.width, image.height), size)
+    fingerprint = fingerprint_of(backend, image.autoencoder)
+    key = picture_key(image.digest, backend.alias, fingerprint, target, fmt)
+    return Rendition(backend.alias, backend, target, fmt, fingerprint, key)
 
 
 def key_for(image: LatentImage, alias: str, size: Any, format: str) -> tuple[str, tuple[int, int]]:
     """The cache key of ``image`` decoded by ``alias`` at ``size`` in ``format``, and that size."""
-    target = fit_size((image.width, image.height), size)
-    fingerprint = decoder_fingerprint(alias, image._companion("autoencoder"))
-    return cache_key(image.digest, alias, fingerprint, target, format), target
+    found = rendition(image, alias, size, format)
+    return found.key, found.size
 
 
-def get_cache():
-    """The decode cache: this process's LRU in front of the shared cache named by ``CACHE``."""
-    from latentstore.cache import tiered
+def master_of(image: LatentImage, found: Rendition) -> Rendition:
+    """The lossless :data:`MASTER_FORMAT` rendition of ``found``'s size (``found`` if it is one)."""
+    if found.format == MASTER_FORMAT:
+        return found
+    key = picture_key(image.digest, found.alias, found.fingerprint, found.size, MASTER_FORMAT)
+    return replace(found, format=MASTER_FORMAT, key=key)
 
-    return tiered(conf.get_settings()["CACHE"])
 
+def derive(image: LatentImage, found: Rendition, cache: Any = None) -> bytes | None:
+    """``found``'s picture made from the cached master of its size, then cached itself.
 
-def schedule_warmup(image: LatentImage, alias: str, size: Any = None, format: str = "PNG") -> bool:
-    """Send one decode task so the picture is in the cache by the next view; True if sent.
-
-    Deduplicated for ``WARMUP_LOCK_SECONDS`` by a cache ``add`` on the picture's key, so a page
-    of thumbnails viewed by many people costs one decode per picture. Never waits; a broker that
-    cannot be reached is logged and forgotten (the page keeps its preview).
+    None when ``found`` is the master or the master is not cached (yet). The master is
+    lossless, so the result is the very file a decode straight to ``found.format`` would give.
     """
-    settings = conf.get_settings()
-    format = normalise_format(format)
-    key, target = key_for(image, alias, size, format)
-    cache = get_cache()
-    if not cache.add(key + ":warming", 1, settings["WARMUP_LOCK_SECONDS"]):
-        return False
-    try:
-        _send_tasks(_decode_tasks([(image, key, target)], alias, format, batch=False))
-    except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
-        cache.delete(key + ":warming")
-        logger.warning("Could not schedule a warm-up decode of %s: %s", key, exc)
-        return False
-    return True
-
-
-def encode_picture(img: PILImage.Image, format: str) -> bytes:
-    buf = io.BytesIO()
-    if format == "PNG":
-        img.save(buf, format="PNG", compress_level=1)
-    elif format == "WEBP":
-        img.save(buf, format="WEBP", quality=90, method=4)
-    else:
-        img.convert("RGB").save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    if found.format == MASTER_FORMAT:
+        return None
+    cache = get_cache() if cache is None else cache
+    master = cache.get(master_of(image, found).key)
+    if master is None:
+        return None
+    data = transcode(master, found.format)
+    cache.set(found.key, data, conf.get_settings()["CACHE_TIMEOUT"])
+    return data
 
 
 def _finish(picture: PILImage.Image, target: Sequence[int], format: str) -> bytes:
-    """A decoded picture resized to ``target`` (if it is not that size) and encoded."""
+    """A decoded picture resized to ``target`` (if it is not that size) and saved as a file."""
     from PIL import Image
 
     target = (int(target[0]), int(target[1]))
     if picture.size != target:
         picture = picture.resize(target, Image.Resampling.LANCZOS)
-    return encode_picture(picture, format)
+    return picture_bytes(picture, format)
 
 
 def render(image: LatentImage, alias: str, target: tuple[int, int], format: str) -> bytes:
-    """Decode ``image`` with ``alias`` in this process and encode the picture (no cache)."""
-    backend = decoders[alias]
+    """Decode ``image`` with ``alias`` in this process and save the picture (no cache)."""
+    return _render(decoders[alias], image, target, format)
+
+
+def render_rendition(image: LatentImage, found: Rendition) -> bytes:
+    """Decode ``image`` as ``found`` says in this process and save the picture (no cache)."""
+    return _render(found.backend, image, found.size, found.format)
+
+
+def _render(backend: BaseDecoder, image: LatentImage, target: Sequence[int], format: str) -> bytes:
     header, latents = image.unpack()
-    backend.check(header)
-    return _finish(backend.decode(header, latents), target, format)
+    try:
+        backend.check(header)
+        picture = backend.decode(header, latents)
+    except ModuleNotFoundError as exc:  # torch missing in a web process: say how to fix it
+        raise missing_module(backend.alias, exc) from exc
+    return _finish(picture, target, format)
 
 
 def render_many(
@@ -157,7 +199,7 @@ def render_many(
 ) -> list[bytes | Exception]:
     """:func:`render` for several images at once: the backend decodes them in batches.
 
-    Returns, per image, the encoded picture or the exception that stopped it (a row without
+    Returns, per image, the saved picture or the exception that stopped it (a row without
     latents, latents the decoder refuses, a failed decode).
     """
     backend = decoders[alias]
@@ -167,20 +209,28 @@ def render_many(
         try:
             header, latents = image.unpack()
             backend.check(header)
+        except ModuleNotFoundError as exc:  # torch missing in a web process: say how to fix it
+            results[index] = missing_module(backend.alias, exc)
+            continue
         except Exception as exc:
             results[index] = exc
             continue
         prepared.append((index, header, latents))
-    pictures = backend.decode_many([(header, latents) for _i, header, latents in prepared])
+    try:
+        pictures = backend.decode_batch([(header, latents) for _i, header, latents in prepared])
+    except ModuleNotFoundError as exc:  # torch missing in a web process: say how to fix it
+        raise missing_module(backend.alias, exc) from exc
     for (index, _header, _latents), picture in zip(prepared, pictures, strict=True):
-        if isinstance(picture, Exception):
+        if isinstance(picture, ModuleNotFoundError):
+            results[index] = missing_module(backend.alias, picture)
+        elif isinstance(picture, Exception):
             results[index] = picture
             continue
         results[index] = _finish(picture, targets[index], format)
     return results  # type: ignore[return-value]  # every index was filled
 
 
-def decode_many(
+def decode_images(
     images: Sequence[LatentImage],
     decoder: str | None = None,
     size: Any = None,
@@ -196,52 +246,32 @@ def decode_many(
     decoder. Raises the first error, or with ``return_exceptions=True`` returns it in that
     image's place (a listing can then show the others).
     """
-    from latentstore.fields import READY, LatentsNotReady, prefetch_blobs
-
     format = normalise_format(format)
     results: list[Any] = [None] * len(images)
-    wanted: dict[str, list[tuple[int, str, tuple[int, int]]]] = {}
+    wanted: dict[str, list[tuple[int, Rendition]]] = {}
     for index, image in enumerate(images):
         alias = decoder or image.field.decoder
         try:
-            if image.state != READY or not image.digest:
-                image._require_blob()
-                raise LatentsNotReady("latents are not ready", state=image.state)
-            key, target = key_for(image, alias, size, format)
+            image.require_ready()
+            found = rendition(image, alias, size, format)
         except Exception as exc:
             results[index] = exc
             continue
-        wanted.setdefault(alias, []).append((index, key, target))
+        wanted.setdefault(alias, []).append((index, found))
     cache = get_cache()
-    timeout = conf.get_settings()["CACHE_TIMEOUT"]
     for alias, entries in wanted.items():
-        found = cache.get_many(list({key for _i, key, _t in entries}))
-        missing: dict[str, tuple[int, tuple[int, int]]] = {}  # one decode per distinct key
-        for index, key, target in entries:
-            if key in found:
-                results[index] = found[key]
+        hits = cache.get_many(list({r.key for _i, r in entries}))
+        missing: dict[str, tuple[int, Rendition]] = {}  # one decode per distinct key
+        for index, found in entries:
+            if found.key in hits:
+                results[index] = hits[found.key]
             else:
-                missing.setdefault(key, (index, target))
-        if not missing:
-            continue
-        todo = [(index, key, target) for key, (index, target) in missing.items()]
-        if decoders[alias].run == RUN_WORKER:
-            pending = [(images[i], key, target) for i, key, target in todo]
-            decoded = _decode_on_workers(pending, alias, format, batch=True)
-        else:
-            misses = [images[i] for i, _k, _t in todo]
-            # Rows listed without their blobs (without_blobs) would otherwise each fetch their
-            # own in render_many's unpack(): one query per model here instead of one per row.
-            prefetch_blobs(misses)
-            rendered = render_many(misses, alias, [t for _i, _k, t in todo], format)
-            decoded = dict(zip((key for _i, key, _t in todo), rendered, strict=True))
-            cache.set_many(
-                {key: value for key, value in decoded.items() if not isinstance(value, Exception)},
-                timeout,
-            )
-        for index, key, _target in entries:
-            if key in decoded:
-                results[index] = decoded[key]
+                missing.setdefault(found.key, (index, found))
+        if missing:
+            decoded = _decode_misses(images, alias, list(missing.values()), cache)
+            for index, found in entries:
+                if found.key in decoded:
+                    results[index] = decoded[found.key]
     if not return_exceptions:
         for value in results:
             if isinstance(value, Exception):
@@ -249,29 +279,60 @@ def decode_many(
     return results
 
 
+#: The name this function had before 0.2 (kept for existing callers).
+decode_many = decode_images
+
+
+def _decode_misses(
+    images: Sequence[LatentImage],
+    alias: str,
+    misses: Sequence[tuple[int, Rendition]],
+    cache: Any,
+) -> dict[str, bytes | Exception]:
+    """Decode the cache misses of :func:`decode_images` for one decoder, by key."""
+    backend = misses[0][1].backend
+    fmt = misses[0][1].format
+    if backend.run == RUN_WORKER:
+        pending = [(images[i], r.key, r.size) for i, r in misses]
+        return _decode_on_workers(pending, alias, fmt, batch=True)
+    todo = [images[i] for i, _r in misses]
+    # Rows listed without their blobs (without_blobs) would otherwise each fetch their own in
+    # render_many's unpack(): one query per model here instead of one per row.
+    prefetch_blobs(todo)
+    rendered = render_many(todo, alias, [r.size for _i, r in misses], fmt)
+    decoded = dict(zip((r.key for _i, r in misses), rendered, strict=True))
+    cache.set_many(
+        {key: value for key, value in decoded.items() if not isinstance(value, Exception)},
+        conf.get_settings()["CACHE_TIMEOUT"],
+    )
+    return decoded
+
+
 def decode_bytes(image: LatentImage, alias: str, size: Any = None, format: str = "PNG") -> bytes:
     """The decoded picture as an image file, from the cache or decoded now (then cached)."""
-    from latentstore.fields import READY, LatentsNotReady
-
     format = normalise_format(format)
-    if image.state != READY or not image.digest:
-        image._require_blob()  # raises LatentsNotReady with the row's state and error
-        raise LatentsNotReady("latents are not ready", state=image.state)
-    key, target = key_for(image, alias, size, format)
+    image.require_ready()
+    found = rendition(image, alias, size, format)
     cache = get_cache()
-    data = cache.get(key)
+    data = cache.get(found.key)
     if data is not None:
         return data
-    backend = decoders[alias]
+    if found.format != MASTER_FORMAT:
+        # Every format of one size comes from that size's one (cached) lossless decode.
+        data = transcode(decode_bytes(image, alias, size, MASTER_FORMAT), found.format)
+        cache.set(found.key, data, conf.get_settings()["CACHE_TIMEOUT"])
+        return data
+    backend = found.backend
 
     def compute() -> bytes:
         if backend.run == RUN_WORKER:
-            result = _decode_on_workers([(image, key, target)], alias, format, batch=False)[key]
+            pending = [(image, found.key, found.size)]
+            result = _decode_on_workers(pending, alias, found.format, batch=False)[found.key]
             if isinstance(result, Exception):
                 raise result
             return result
-        data = render(image, alias, target, format)
-        cache.set(key, data, conf.get_settings()["CACHE_TIMEOUT"])
+        data = render_rendition(image, found)
+        cache.set(found.key, data, conf.get_settings()["CACHE_TIMEOUT"])
         return data
 
     if not backend.single_flight:
@@ -280,7 +341,7 @@ def decode_bytes(image: LatentImage, alias: str, size: Any = None, format: str =
     wait = settings["DECODE_LOCK_TIMEOUT"]
     if backend.run == RUN_WORKER:  # the lock must outlive the holder's wait for the worker
         wait = max(wait, settings["DECODE_TIMEOUT"])
-    return _single_flight(cache, key, compute, wait)
+    return _single_flight(cache, found.key, compute, wait)
 
 
 def _single_flight(cache: Any, key: str, compute: Callable[[], bytes], wait: float) -> bytes:
@@ -328,67 +389,62 @@ def decode_image(image: LatentImage, alias: str, size: Any = None, format: str =
     return picture
 
 
+def preview_bytes(image: LatentImage, size: Any = None, format: str = "PNG") -> bytes:
+    """The instant preview of ``image`` fitted into ``size``, as a file: from the cache, or
+    rendered now, once for concurrent requests, and cached for ``PREVIEW_CACHE_SECONDS``.
+
+    Its longest side is at most ``PREVIEW_MAX_SIDE``: a larger box gets a smaller picture (the
+    page scales it), because upscaling a projection adds no detail and a 2,047 px preview cost
+    a second per request. Reads the blob only on a miss.
+    """
+    settings = conf.get_settings()
+    fmt = normalise_format(format)
+    target = fit_size((image.width, image.height), size)
+    side = max(1, int(settings["PREVIEW_MAX_SIDE"]))
+    key = picture_key(image.digest, "preview", f"{side:016x}", target, fmt)
+    cache = get_cache()
+    data = cache.get(key)
+    if data is not None:
+        return data
+
+    def compute() -> bytes:
+        header, latents = image.unpack()
+        shown = target if max(target) <= side else fit_size(target, side)
+        picture = picture_bytes(preview_picture(header, latents, shown), fmt)
+        cache.set(key, picture, settings["PREVIEW_CACHE_SECONDS"])
+        return picture
+
+    return _single_flight(cache, key, compute, wait=10.0)
+
+
+def schedule_warmup(
+    image: LatentImage, decoder: str | BaseDecoder, size: Any = None, format: str = "PNG"
+) -> bool:
+    """Send one decode task so the picture is in the cache by the next view; True if sent.
+
+    Deduplicated for ``WARMUP_LOCK_SECONDS`` by a cache ``add`` on the picture's key, so a page
+    of thumbnails viewed by many people costs one decode per picture. Never waits; a broker that
+    cannot be reached is logged and forgotten (the page keeps its preview).
+    """
+    settings = conf.get_settings()
+    found = rendition(image, decoder, size, format)
+    cache = get_cache()
+    if not cache.add(found.key + ":warming", 1, settings["WARMUP_LOCK_SECONDS"]):
+        return False
+    try:
+        pending = [(image, found.key, found.size)]
+        send_decode_tasks(decode_tasks(pending, found.alias, found.format, batch=False))
+    except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
+        cache.delete(found.key + ":warming")
+        logger.warning("Could not schedule a warm-up decode of %s: %s", found.key, exc)
+        return False
+    return True
+
+
 # --- decoding on the workers ----------------------------------------------------------------
 #
-# The cache doubles as the result backend, so no Celery result store is needed: a decode task
-# puts the picture at its key in the shared cache, or its error at ``key + ":error"``. The cache
-# must therefore be shared between web and worker processes (Redis, Memcached, database or
-# file-based — not LocMem).
-
-# What a worker is asked for: the image, the cache key it puts the picture at, the size.
-Pending = tuple["LatentImage", str, tuple[int, int]]
-
-
-def _decode_tasks(
-    pending: Sequence[Pending], alias: str, format: str, *, batch: bool
-) -> list[tuple[str, list[Any]]]:
-    """The decode tasks, ``(task name, args)``, that put each pending picture in the cache.
-
-    ``batch=False``: one ``DECODE_TASK`` per picture (a warm-up, ``decode()``); ``batch=True``:
-    ``DECODE_BATCH_TASK``s, one per model field and ``DECODE_BATCH_SIZE`` pictures.
-    """
-    # Here, not at the top: encoding imports the ORM, and this module stays import-light.
-    from latentstore.encoding import _json_pk
-
-    settings = conf.get_settings()
-    if not batch:
-        return [
-            (
-                settings["DECODE_TASK"],
-                [
-                    image.instance._meta.label,
-                    _json_pk(image.instance.pk),
-                    image.field.name,
-                    alias,
-                    list(target),
-                    format,
-                    key,
-                ],
-            )
-            for image, key, target in pending
-        ]
-    groups: dict[tuple[str, str], list[Pending]] = {}
-    for entry in pending:
-        image = entry[0]
-        groups.setdefault((image.instance._meta.label, image.field.name), []).append(entry)
-    step = max(1, int(settings["DECODE_BATCH_SIZE"]))
-    tasks = []
-    for (label, field_name), entries in groups.items():
-        for start in range(0, len(entries), step):
-            items = [
-                [_json_pk(image.instance.pk), list(target), key]
-                for image, key, target in entries[start : start + step]
-            ]
-            tasks.append((settings["DECODE_BATCH_TASK"], [label, field_name, alias, format, items]))
-    return tasks
-
-
-def _send_tasks(tasks: Sequence[tuple[str, list[Any]]]) -> None:
-    from celery import current_app
-
-    queue = conf.get_settings()["DECODE_QUEUE"]
-    for name, args in tasks:
-        current_app.send_task(name, args=args, queue=queue)
+# The cache doubles as the result backend (see latentstore.dispatch): it must therefore be shared
+# between web and worker processes (Redis, Memcached, database or file-based — not LocMem).
 
 
 def _decode_on_workers(
@@ -403,7 +459,7 @@ def _decode_on_workers(
     cache = get_cache()
     # A failure left by an earlier attempt is not this one's answer.
     cache.delete_many([key + ":error" for _image, key, _target in pending])
-    _send_tasks(_decode_tasks(pending, alias, format, batch=batch))
+    send_decode_tasks(decode_tasks(pending, alias, format, batch=batch))
     waiting = {key: image for image, key, _target in pending}
     decoded: dict[str, bytes | Exception] = {}
     deadline = time.monotonic() + settings["DECODE_TIMEOUT"]

@@ -1,9 +1,10 @@
-"""The encode protocol between the web tier and the workers: no torch here.
+"""The worker side of the encode protocol — claims, write-back, sweep: no torch here.
 
-1. ``save()`` stages the upload in the row (fields.py) and, on commit, :func:`enqueue_encode`
-   sends the task by name with ``(model label, pk, field, token)``; bulk paths (the sweeper,
-   commands, saves inside :func:`batched_enqueue`) send :func:`enqueue_encode_batch` messages
-   of ``(model label, field, [(pk, token), ...])``. Messages are pointers only.
+1. ``save()`` stages the upload in the row (fields.py) and, on commit, sends the task by name
+   with ``(model label, pk, field, token)``; bulk paths (the sweeper, commands, saves inside
+   ``batched_enqueue``) send batch messages of ``(model label, field, [(pk, token), ...])``.
+   Messages are pointers only; sending lives in :mod:`latentstore.dispatch`, and this module
+   is what the workers do with them.
 2. A worker :func:`claim_batch`\\ es its rows: token must match, state ``pending`` (or
    ``encoding`` whose lease has expired); the claim sets ``encoding`` and the lease time
    (``<field>_changed``) and counts an attempt. On PostgreSQL a worker with room left in its
@@ -24,159 +25,34 @@ nothing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.apps import apps
 from django.core.files.base import ContentFile
-from django.core.files.storage import Storage, storages
 from django.db import connections, models, router, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Cast
 from django.utils import timezone
 
 from latentstore import conf
-from latentstore.fields import ENCODING, FAILED, PENDING, READY, LatentImageField
+from latentstore.columns import ENCODING, FAILED, PENDING, READY, by_column
+from latentstore.dispatch import (  # noqa: F401  (re-exported: the encode protocol's entry points)
+    batched_enqueue,
+    enqueue_encode,
+    enqueue_encode_batch,
+    json_pk,
+)
+from latentstore.fields import LatentImageField
 from latentstore.quality import MAX_PSNR, QualityPolicy
+from latentstore.queries import all_latent_fields, get_field  # noqa: F401  (re-exported)
+from latentstore.staging import original_name, originals_storage  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("latentstore.encoding")
-
-
-def get_field(label: str, field_name: str) -> tuple[type[models.Model], LatentImageField]:
-    """Resolve ``("app_label.Model", "image")`` to the model class and its LatentImageField."""
-    model = apps.get_model(label)
-    field = model._meta.get_field(field_name)
-    if not isinstance(field, LatentImageField):
-        raise TypeError(f"{label}.{field_name} is not a LatentImageField")
-    return model, field
-
-
-def _json_pk(pk: Any) -> Any:
-    # A message carries JSON: a UUID (or other) primary key travels as its string.
-    return pk if isinstance(pk, (int, str)) else str(pk)
-
-
-# --- sending -------------------------------------------------------------------------------------
-
-_collecting = threading.local()
-
-
-@contextlib.contextmanager
-def batched_enqueue() -> Iterator[None]:
-    """Send the encodes of the saves committed inside as batch messages, on exit.
-
-    Each save normally sends its own message when its transaction commits. Around a bulk import
-    the per-row messages can be folded into a few batch messages::
-
-        with batched_enqueue():
-            with transaction.atomic():
-                for upload in uploads:
-                    Photo.objects.create(image=upload)
-
-    Only encodes sent while the block runs are collected (put the block around the
-    transaction, not inside it). Collected encodes are sent even if the block raises: their
-    rows are committed.
-    """
-    stack = getattr(_collecting, "stack", None)
-    if stack is None:
-        stack = _collecting.stack = []
-    collected: list[tuple[str, str, Any, str]] = []
-    stack.append(collected)
-    try:
-        yield
-    finally:
-        stack.pop()
-        target = stack[-1] if stack else None
-        if target is not None:  # nested: the outermost block sends
-            target.extend(collected)
-        else:
-            groups: dict[tuple[str, str], list[tuple[Any, str]]] = {}
-            for label, field_name, pk, token in collected:
-                groups.setdefault((label, field_name), []).append((pk, token))
-            for (label, field_name), items in groups.items():
-                enqueue_encode_batch(label, field_name, items)
-
-
-def enqueue_encode(label: str, pk: Any, field_name: str, token: uuid.UUID | str) -> bool:
-    """Send the encode task by name. Returns False (and logs) when the broker is unreachable.
-
-    A failed send loses nothing: the row is pending in the database and the sweeper enqueues
-    it once its lease has passed. Inside :func:`batched_enqueue` the row is collected instead.
-    """
-    stack = getattr(_collecting, "stack", None)
-    if stack:
-        stack[-1].append((label, field_name, pk, str(token)))
-        return True
-    from celery import current_app
-
-    settings = conf.get_settings()
-    try:
-        current_app.send_task(
-            settings["ENCODE_TASK"],
-            args=[label, _json_pk(pk), field_name, str(token)],
-            queue=settings["ENCODE_QUEUE"],
-        )
-    except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
-        logger.warning(
-            "Could not enqueue the encode of %s pk=%s (%s, token %s); the sweeper will retry: %s",
-            label,
-            pk,
-            field_name,
-            token,
-            exc,
-        )
-        return False
-    return True
-
-
-def enqueue_encode_batch(
-    label: str,
-    field_name: str,
-    items: Sequence[tuple[Any, uuid.UUID | str]],
-    *,
-    countdown: float | None = None,
-) -> int:
-    """Enqueue the encode of many ``(pk, token)`` rows of one field; returns how many were sent.
-
-    The bulk entry point for commands, the sweeper and bulk saves: one
-    ``latentstore.encode_batch`` message per ``ENCODE_BATCH_SIZE`` rows, each carrying
-    ``(label, field, [[pk, token], ...])``. ``countdown`` delays delivery (retries). Rows whose
-    message cannot be sent stay pending in the database and are picked up by the sweeper.
-    """
-    settings = conf.get_settings()
-    size = max(1, int(settings["ENCODE_BATCH_SIZE"]))
-    pointers = [[_json_pk(pk), str(token)] for pk, token in items]
-    sent = 0
-    from celery import current_app
-
-    for start in range(0, len(pointers), size):
-        chunk = pointers[start : start + size]
-        options: dict[str, Any] = {"queue": settings["ENCODE_QUEUE"]}
-        if countdown:
-            options["countdown"] = countdown
-        try:
-            current_app.send_task(
-                settings["ENCODE_BATCH_TASK"], args=[label, field_name, chunk], **options
-            )
-        except Exception as exc:  # see enqueue_encode
-            logger.warning(
-                "Could not enqueue the encode of %d rows of %s (%s, pks %s); the sweeper will "
-                "retry: %s",
-                len(chunk),
-                label,
-                field_name,
-                ", ".join(str(pk) for pk, _token in chunk),
-                exc,
-            )
-            continue
-        sent += len(chunk)
-    return sent
 
 
 # --- claiming ------------------------------------------------------------------------------------
@@ -205,10 +81,7 @@ class Claim:
 
 
 def _columns(field: LatentImageField, **values: Any) -> dict[str, Any]:
-    return {
-        field.companion_attname(k) if k != "latents" else field.attname: v
-        for k, v in values.items()
-    }
+    return by_column(field, values)
 
 
 def _valid_items(items: Sequence[tuple[Any, Any]]) -> list[tuple[Any, str]]:
@@ -257,95 +130,131 @@ def claim_batch(
     failed instead, as are rows whose staged original is missing.
     """
     model, field = get_field(label, field_name)
-    settings = conf.get_settings()
     items = _valid_items(items)
-    col = field.companion_attname
-    now = timezone.now()
-    base = model._base_manager.all()
-    db = router.db_for_write(model)
-    claim_values = {
-        **_columns(field, state=ENCODING, changed=now),
-        col("attempts"): F(col("attempts")) + 1,
-    }
+    step = _ClaimStep(model, field, timezone.now())
     named_pks = [pk for pk, _token in items]
     filled_pks: list[Any] = []
-    wanted = ("pk", "token", "staged", "attempts", "autoencoder", "width", "height")
-    with transaction.atomic(using=db):
-        if items:
-            base.filter(_matching(field, items)).filter(_claimable(field, now)).update(
-                **claim_values
-            )
-        rows = []
-        if named_pks:
-            # The claim time identifies this worker's claims: a row another worker claimed has
-            # another (or no fresh) lease time.
-            rows = list(
-                base.filter(pk__in=named_pks, **{col("state"): ENCODING, col("changed"): now})
-                .values_list(*[w if w == "pk" else col(w) for w in wanted])
-                .order_by()
-            )
-        if fill > 0 and can_fill(db):
-            sizes: dict[tuple[int, int], int] = {}
-            for row in rows:
-                sizes[(row[5], row[6])] = sizes.get((row[5], row[6]), 0) + 1
-            candidates = base.filter(
-                Q(**{f"{col('changed')}__lte": now}) | Q(**{f"{col('changed')}__isnull": True}),
-                **{col("state"): PENDING},
-            ).exclude(pk__in=named_pks)
-            order: list[Any] = []
-            if sizes:
-                width, height = max(sizes, key=sizes.get)
-                same = When(**{col("width"): width, col("height"): height}, then=Value(0))
-                order.append(Case(same, default=Value(1)))
-            order += [F(col("changed")).asc(nulls_first=True), "pk"]
-            filled_pks = list(
-                candidates.order_by(*order)
-                .select_for_update(skip_locked=True)
-                .values_list("pk", flat=True)[:fill]
-            )
-            if filled_pks:
-                base.filter(pk__in=filled_pks, **{col("state"): PENDING}).update(**claim_values)
-                rows += list(
-                    base.filter(pk__in=filled_pks, **{col("state"): ENCODING, col("changed"): now})
-                    .values_list(*[w if w == "pk" else col(w) for w in wanted])
-                    .order_by()
-                )
-    quality = QualityPolicy.for_field(field)
+    with transaction.atomic(using=router.db_for_write(model)):
+        rows = step.take_named(items)
+        if fill > 0 and can_fill(router.db_for_write(model)):
+            filled_pks = step.pick_fillers(rows, named_pks, fill)
+            rows += step.take_fillers(filled_pks)
     order_of = {str(pk): n for n, pk in enumerate([*named_pks, *filled_pks])}
-    rows.sort(key=lambda row: order_of.get(str(row[0]), len(order_of)))
+    rows.sort(key=lambda row: order_of.get(str(row.pk), len(order_of)))
     filled = {str(pk) for pk in filled_pks}
-    claims = []
-    for pk, token, staged, attempts, autoencoder, width, height in rows:
-        if attempts > settings["MAX_ATTEMPTS"]:
-            fail_row(
-                label,
-                pk,
-                field_name,
-                str(token),
-                f"Gave up after {attempts - 1} attempts to encode (the worker kept failing).",
-            )
-            continue
-        if staged is None:
-            missing = "The staged original is missing; re-upload it."
-            fail_row(label, pk, field_name, str(token), missing)
-            continue
-        claims.append(
-            Claim(
-                label=label,
-                pk=_json_pk(pk),
-                field_name=field_name,
-                token=str(token),
-                staged=bytes(staged),
-                attempts=attempts,
-                autoencoder=autoencoder or field.autoencoder,
-                width=width,
-                height=height,
-                latent_dtype=field.latent_dtype or settings["LATENT_DTYPE"],
-                quality=quality,
-                filled=str(pk) in filled,
-            )
+    return [
+        claim
+        for row in rows
+        if (claim := _claim_or_fail(label, field, row, filled=str(row.pk) in filled)) is not None
+    ]
+
+
+@dataclass(frozen=True)
+class _ClaimedRow:
+    """The columns of one row this worker has just claimed."""
+
+    pk: Any
+    token: uuid.UUID
+    staged: bytes | memoryview | None
+    attempts: int
+    autoencoder: str
+    width: int
+    height: int
+
+
+class _ClaimStep:
+    """The queries of one :func:`claim_batch`, run inside its transaction."""
+
+    def __init__(self, model: type[models.Model], field: LatentImageField, now: datetime) -> None:
+        self.field = field
+        self.now = now
+        self.base = model._base_manager.all()
+        col = field.companion_attname
+        self.values = {
+            **_columns(field, state=ENCODING, changed=now),
+            col("attempts"): F(col("attempts")) + 1,
+        }
+
+    def _claimed(self, pks: Sequence[Any]) -> list[_ClaimedRow]:
+        # The claim time identifies this worker's claims: a row another worker claimed has
+        # another (or no fresh) lease time.
+        col = self.field.companion_attname
+        names = [col(name) for name in ("token", "staged", "attempts", "autoencoder")]
+        rows = (
+            self.base.filter(pk__in=pks, **{col("state"): ENCODING, col("changed"): self.now})
+            .values_list("pk", *names, col("width"), col("height"))
+            .order_by()
         )
-    return claims
+        return [_ClaimedRow(*row) for row in rows]
+
+    def take_named(self, items: Sequence[tuple[Any, str]]) -> list[_ClaimedRow]:
+        """Claim the rows the message names, where their token matches and they are free."""
+        if not items:
+            return []
+        matching = self.base.filter(_matching(self.field, items))
+        if not matching.filter(_claimable(self.field, self.now)).update(**self.values):
+            return []  # all taken by another claim, finished or re-uploaded: nothing to read
+        return self._claimed([pk for pk, _token in items])
+
+    def pick_fillers(
+        self, rows: Sequence[_ClaimedRow], named_pks: Sequence[Any], fill: int
+    ) -> list[Any]:
+        """Lock up to ``fill`` other pending rows: the named rows' commonest size first, then
+        the oldest; rows locked by another worker are skipped."""
+        col = self.field.companion_attname
+        candidates = self.base.filter(
+            Q(**{f"{col('changed')}__lte": self.now}) | Q(**{f"{col('changed')}__isnull": True}),
+            **{col("state"): PENDING},
+        ).exclude(pk__in=named_pks)
+        order: list[Any] = []
+        sizes: dict[tuple[int, int], int] = {}
+        for row in rows:
+            sizes[(row.width, row.height)] = sizes.get((row.width, row.height), 0) + 1
+        if sizes:
+            width, height = max(sizes, key=sizes.get)
+            same = When(**{col("width"): width, col("height"): height}, then=Value(0))
+            order.append(Case(same, default=Value(1)))
+        order += [F(col("changed")).asc(nulls_first=True), "pk"]
+        locked = candidates.order_by(*order).select_for_update(skip_locked=True)
+        return list(locked.values_list("pk", flat=True)[:fill])
+
+    def take_fillers(self, pks: Sequence[Any]) -> list[_ClaimedRow]:
+        """Claim the locked filler rows."""
+        if not pks:
+            return []
+        state = self.field.companion_attname("state")
+        self.base.filter(pk__in=pks, **{state: PENDING}).update(**self.values)
+        return self._claimed(pks)
+
+
+def _claim_or_fail(
+    label: str, field: LatentImageField, row: _ClaimedRow, *, filled: bool
+) -> Claim | None:
+    """The :class:`Claim` of a claimed row, or None after failing a row that cannot be encoded
+    (past ``MAX_ATTEMPTS``, or its staged original gone)."""
+    settings = conf.get_settings()
+    if row.attempts > settings["MAX_ATTEMPTS"]:
+        message = f"Gave up after {row.attempts - 1} attempts to encode (the worker kept failing)."
+        fail_row(label, row.pk, field.name, str(row.token), message)
+        return None
+    if row.staged is None:
+        missing = "The staged original is missing; re-upload it."
+        fail_row(label, row.pk, field.name, str(row.token), missing)
+        return None
+    return Claim(
+        label=label,
+        pk=json_pk(row.pk),
+        field_name=field.name,
+        token=str(row.token),
+        staged=bytes(row.staged),
+        attempts=row.attempts,
+        autoencoder=row.autoencoder or field.autoencoder,
+        width=row.width,
+        height=row.height,
+        latent_dtype=field.latent_dtype or settings["LATENT_DTYPE"],
+        quality=QualityPolicy.for_field(field),
+        filled=filled,
+    )
 
 
 def claim(label: str, pk: Any, field_name: str, token: str) -> Claim | None:
@@ -391,14 +300,19 @@ def release(claims: Sequence[Claim], message: str, *, retry_after: float = 0) ->
     )
 
 
-def originals_storage() -> Storage:
-    """The Django storage that kept originals go to (``ORIGINALS_STORAGE``)."""
-    return storages[conf.get_settings()["ORIGINALS_STORAGE"]]
+# --- writing back -------------------------------------------------------------------------------
 
 
-def _original_name(claim: Claim) -> str:
-    prefix = conf.get_settings()["ORIGINALS_PREFIX"]
-    return f"{prefix}{claim.label.lower()}/{claim.field_name}/{claim.pk}-{claim.token}"
+@dataclass(frozen=True)
+class _Result:
+    """One encode result on its way into the row."""
+
+    claim: Claim
+    pk: Any  # the model's own pk type (the claim carries its JSON form)
+    blob: bytes
+    digest: str
+    original: str  # the kept original's storage name, or ''
+    psnr: float | None
 
 
 def write_back_many(
@@ -421,81 +335,92 @@ def write_back_many(
         return []
     first = results[0][0]
     model, field = get_field(first.label, first.field_name)
-    col = field.companion_attname
     if psnrs is None:
         psnrs = [None] * len(results)
-    psnrs = [None if p is None else min(float(p), MAX_PSNR) for p in psnrs]
-    storage_names: list[str] = []
-    for (claim, _blob, _digest), psnr in zip(results, psnrs, strict=True):
-        name = ""
-        if claim.quality.keeps_original(psnr):
-            name = originals_storage().save(_original_name(claim), ContentFile(claim.staged))
-        storage_names.append(name)
-    pk_field = model._meta.pk
-    db = router.db_for_write(model)
-    now = timezone.now()
-    match = _matching(field, [(c.pk, c.token) for c, _b, _d in results])
-    with transaction.atomic(using=db):
-        rows = model._base_manager.filter(match).exclude(**{col("state"): READY})
-        eligible = {str(pk) for pk in rows.select_for_update().values_list("pk", flat=True)}
-        chosen = [
-            (pk_field.to_python(claim.pk), blob, digest, name, claim, psnr)
-            for (claim, blob, digest), name, psnr in zip(results, storage_names, psnrs, strict=True)
-            if str(pk_field.to_python(claim.pk)) in eligible
-        ]
-        if chosen:
-            measured = any(item[5] is not None for item in chosen)
-
-            def per_row(index: int, output: models.Field) -> Case:
-                return Case(
-                    *[When(pk=item[0], then=Value(item[index])) for item in chosen],
-                    output_field=output,
-                )
-
-            updated = (
-                model._base_manager.filter(
-                    _matching(field, [(item[4].pk, item[4].token) for item in chosen])
-                )
-                .exclude(**{col("state"): READY})
-                .update(
-                    **{
-                        field.attname: per_row(1, models.BinaryField()),
-                        col("digest"): per_row(2, models.CharField()),
-                        col("original"): per_row(3, models.CharField()),
-                        col("autoencoder"): Case(
-                            *[When(pk=item[0], then=Value(item[4].autoencoder)) for item in chosen],
-                            output_field=models.CharField(),
-                        ),
-                        # Gate off (the default): nothing measured, one plain NULL rather than
-                        # a CASE of NULLs. Cast: a CASE whose branches are all NULL is text on
-                        # PostgreSQL, which a double precision column refuses.
-                        col("psnr"): (
-                            Cast(per_row(5, models.FloatField()), models.FloatField())
-                            if measured
-                            else None
-                        ),
-                    },
-                    **_columns(field, state=READY, error="", staged=None, changed=now),
-                )
-            )
-            if updated != len(chosen):  # only where rows could not be locked (SQLite: never)
-                written = set(
-                    model._base_manager.filter(
-                        **{col("state"): READY, f"{col('digest')}__in": [c[2] for c in chosen]}
-                    ).values_list("pk", flat=True)
-                )
-                eligible = {str(pk) for pk in written}
+    to_pk = model._meta.pk.to_python
+    items = [
+        _Result(
+            claim=claim,
+            pk=to_pk(claim.pk),
+            blob=blob,
+            digest=digest,
+            original=_keep_original(claim, capped),
+            psnr=capped,
+        )
+        for (claim, blob, digest), psnr in zip(results, psnrs, strict=True)
+        for capped in [None if psnr is None else min(float(psnr), MAX_PSNR)]
+    ]
+    with transaction.atomic(using=router.db_for_write(model)):
+        stored_pks = _store(model, field, items)
     stored = []
-    for (claim, _blob, _digest), name in zip(results, storage_names, strict=True):
-        ok = str(pk_field.to_python(claim.pk)) in eligible
+    for item in items:
+        ok = str(item.pk) in stored_pks
         stored.append(ok)
         if not ok:
-            if name:
-                originals_storage().delete(name)
+            if item.original:
+                originals_storage().delete(item.original)
+            claim = item.claim
+            # Not a problem: the row was re-uploaded or finished by another claim meanwhile.
             logger.info(
                 "Dropped a stale encode of %s pk=%s (%s)", claim.label, claim.pk, claim.field_name
             )
     return stored
+
+
+def _keep_original(claim: Claim, psnr: float | None) -> str:
+    """Save the claim's original to the originals storage if its policy keeps it; its name."""
+    if not claim.quality.keeps_original(psnr):
+        return ""
+    name = original_name(claim.label, claim.field_name, claim.pk, claim.token)
+    return originals_storage().save(name, ContentFile(claim.staged))
+
+
+def _store(
+    model: type[models.Model], field: LatentImageField, items: Sequence[_Result]
+) -> set[str]:
+    """Lock the rows that still carry their claim's token and write their results; the pks
+    (as strings) of the rows written."""
+    col = field.companion_attname
+    base = model._base_manager
+    match = _matching(field, [(i.claim.pk, i.claim.token) for i in items])
+    rows = base.filter(match).exclude(**{col("state"): READY})
+    eligible = {str(pk) for pk in rows.select_for_update().values_list("pk", flat=True)}
+    chosen = [item for item in items if str(item.pk) in eligible]
+    if not chosen:
+        return eligible
+
+    def per_row(value: Any, output: models.Field) -> Case:
+        whens = [When(pk=item.pk, then=Value(value(item))) for item in chosen]
+        return Case(*whens, output_field=output)
+
+    measured = any(item.psnr is not None for item in chosen)
+    updated = (
+        base.filter(_matching(field, [(i.claim.pk, i.claim.token) for i in chosen]))
+        .exclude(**{col("state"): READY})
+        .update(
+            **{
+                field.attname: per_row(lambda i: i.blob, models.BinaryField()),
+                col("digest"): per_row(lambda i: i.digest, models.CharField()),
+                col("original"): per_row(lambda i: i.original, models.CharField()),
+                col("autoencoder"): per_row(lambda i: i.claim.autoencoder, models.CharField()),
+                # Gate off (the default): nothing measured, one plain NULL rather than a CASE
+                # of NULLs. Cast: a CASE whose branches are all NULL is text on PostgreSQL,
+                # which a double precision column refuses.
+                col("psnr"): (
+                    Cast(per_row(lambda i: i.psnr, models.FloatField()), models.FloatField())
+                    if measured
+                    else None
+                ),
+            },
+            **_columns(field, state=READY, error="", staged=None, changed=timezone.now()),
+        )
+    )
+    if updated != len(chosen):  # only where rows could not be locked (SQLite: never)
+        written = base.filter(
+            **{col("state"): READY, f"{col('digest')}__in": [i.digest for i in chosen]}
+        ).values_list("pk", flat=True)
+        eligible = {str(pk) for pk in written}
+    return eligible
 
 
 def write_back(claim: Claim, blob: bytes, digest: str, psnr: float | None = None) -> bool:
@@ -524,12 +449,7 @@ def fail(claim: Claim, message: str) -> bool:
     return fail_row(claim.label, claim.pk, claim.field_name, claim.token, message)
 
 
-def latent_fields() -> Iterator[tuple[type[models.Model], LatentImageField]]:
-    """Every (model, LatentImageField) pair of the installed, concrete models."""
-    for model in apps.get_models():
-        for field in model._meta.local_fields:
-            if isinstance(field, LatentImageField):
-                yield model, field
+# --- sweeping ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -568,7 +488,7 @@ def sweep(
     cutoff = now - timedelta(seconds=lease)
     size = max(1, int(settings["ENCODE_BATCH_SIZE"]))
     result = SweepResult()
-    for model, field in latent_fields() if fields is None else fields:
+    for model, field in all_latent_fields() if fields is None else fields:
         col = field.companion_attname
         label = model._meta.label
         stuck = stuck_rows(model, field, cutoff)

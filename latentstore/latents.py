@@ -177,15 +177,7 @@ def pack(
     that covers it (``(w - 1) * downsample < width <= w * downsample``), and the padding is
     recorded. Raises :class:`ValueError` for anything else; never stores inf or NaN.
     """
-    arr = np.asarray(latents)
-    if arr.ndim != 3:
-        raise ValueError(f"latents must be 3-D (C, h, w), got shape {arr.shape}")
-    if arr.dtype.kind != "f":
-        raise ValueError(f"latents must be a floating-point array, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError(f"latents must not be empty, got shape {arr.shape}")
-    if dtype not in _NUMPY_DTYPES:
-        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    arr = _checked_array(latents, dtype)
     c, h, w = (int(n) for n in arr.shape)
     for name, value in (("autoencoder", autoencoder), ("family", family)):
         if not isinstance(value, str) or not value:
@@ -196,30 +188,7 @@ def pack(
     shift_factor = _finite_float("shift_factor", shift_factor)
     if scaling_factor == 0.0:
         raise ValueError("scaling_factor must not be 0")
-    for name, value in (("width", width), ("height", height), ("downsample", downsample)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    width, height, downsample = int(width), int(height), int(downsample)
-    pad_right = w * downsample - width
-    pad_bottom = h * downsample - height
-    if not (0 <= pad_right < downsample and 0 <= pad_bottom < downsample):
-        raise ValueError(
-            f"a {w}x{h} latent grid at {downsample} px per cell does not match a "
-            f"{width}x{height} image (expected a {-(-width // downsample)}x"
-            f"{-(-height // downsample)} grid)"
-        )
-
-    # min/max propagate NaN, so two cheap reductions check finiteness and range together.
-    # |x| >= 65520 would round to inf in float16 (65504 is the largest finite half).
-    lo, hi = float(arr.min()), float(arr.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("latents contain NaN or infinity")
-    if max(-lo, hi) >= _F16_OVERFLOW:
-        raise ValueError(
-            f"latents exceed the float16 range: max |x| = {max(-lo, hi):.6g}, "
-            f"must be below {_F16_OVERFLOW:.0f} (float16 max is 65504)"
-        )
-
+    width, height, downsample, pad_right, pad_bottom = _padding(w, h, width, height, downsample)
     header: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "autoencoder": autoencoder,
@@ -235,18 +204,70 @@ def pack(
         "pad_right": pad_right,
         "pad_bottom": pad_bottom,
     }
+    payload = _payload(arr, dtype, header)
+    return _frame(header, payload)
+
+
+def _checked_array(latents: np.ndarray, dtype: str) -> np.ndarray:
+    """``latents`` as a 3-D, non-empty, finite float array within float16's range."""
+    arr = np.asarray(latents)
+    if arr.ndim != 3:
+        raise ValueError(f"latents must be 3-D (C, h, w), got shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise ValueError(f"latents must be a floating-point array, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"latents must not be empty, got shape {arr.shape}")
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    # min/max propagate NaN, so two cheap reductions check finiteness and range together.
+    # |x| >= 65520 would round to inf in float16 (65504 is the largest finite half).
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("latents contain NaN or infinity")
+    if max(-lo, hi) >= _F16_OVERFLOW:
+        raise ValueError(
+            f"latents exceed the float16 range: max |x| = {max(-lo, hi):.6g}, "
+            f"must be below {_F16_OVERFLOW:.0f} (float16 max is 65504)"
+        )
+    return arr
+
+
+def _padding(
+    w: int, h: int, width: Any, height: Any, downsample: Any
+) -> tuple[int, int, int, int, int]:
+    """Check that a ``w x h`` grid is the smallest covering ``width x height``; return the
+    sizes as ints and the padding ``(width, height, downsample, pad_right, pad_bottom)``."""
+    for name, value in (("width", width), ("height", height), ("downsample", downsample)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    width, height, downsample = int(width), int(height), int(downsample)
+    pad_right = w * downsample - width
+    pad_bottom = h * downsample - height
+    if not (0 <= pad_right < downsample and 0 <= pad_bottom < downsample):
+        raise ValueError(
+            f"a {w}x{h} latent grid at {downsample} px per cell does not match a "
+            f"{width}x{height} image (expected a {-(-width // downsample)}x"
+            f"{-(-height // downsample)} grid)"
+        )
+    return width, height, downsample, pad_right, pad_bottom
+
+
+def _payload(arr: np.ndarray, dtype: str, header: dict[str, Any]) -> bytes:
+    """The stored values in ``dtype``; quantised dtypes add their ``quant`` entry to header."""
     if dtype == "float16":
-        payload = arr.astype(_NUMPY_DTYPES["float16"], order="C").tobytes()
-    elif dtype == "int8":
+        return arr.astype(_NUMPY_DTYPES["float16"], order="C").tobytes()
+    if dtype == "int8":
         q, offset, scale = _quantize(arr, _LEVELS["int8"])
         header["quant"] = {"offset": offset, "scale": scale}
         q -= 128  # stored signed: -128..127
-        payload = q.astype(np.int8).tobytes()
-    else:
-        q, offset, scale = _quantize(arr, _LEVELS["int4"])
-        header["quant"] = {"offset": offset, "scale": scale}
-        payload = _pack_nibbles(q.reshape(-1))
+        return q.astype(np.int8).tobytes()
+    q, offset, scale = _quantize(arr, _LEVELS["int4"])
+    header["quant"] = {"offset": offset, "scale": scale}
+    return _pack_nibbles(q.reshape(-1))
 
+
+def _frame(header: dict[str, Any], payload: bytes) -> bytes:
+    """Magic, version and header length, the JSON header, the payload and a checksum."""
     # Sorted keys and fixed separators: equal inputs give byte-identical blobs (stable digests).
     header_bytes = json.dumps(
         header, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False
@@ -302,11 +323,16 @@ def _unpack_nibbles(view: memoryview, count: int, offset: int) -> np.ndarray:
 # unpack / read_header / blob_digest
 
 
-def unpack(blob: bytes | bytearray | memoryview) -> tuple[LatentHeader, np.ndarray]:
+def unpack(
+    blob: bytes | bytearray | memoryview, *, float16: bool = False
+) -> tuple[LatentHeader, np.ndarray]:
     """Verify and read a blob: return its header and the latents as float32 ``(C, h, w)``.
 
-    Raises :class:`LatentFormatError` saying what is wrong for a blob that is truncated, too
-    long, corrupt (checksum), of an unknown version, or that holds non-finite values.
+    With ``float16=True`` a float16 blob's latents come back as stored: a read-only float16
+    view of the blob, no conversion (an export writing float16 would convert twice); other
+    storage dtypes are float32 either way. Raises :class:`LatentFormatError` saying what is
+    wrong for a blob that is truncated, too long, corrupt (checksum), of an unknown version, or
+    that holds non-finite values.
     """
     view = _as_view(blob)
     header, quant, payload_start = _parse_header(view)
@@ -331,6 +357,10 @@ def unpack(blob: bytes | bytearray | memoryview) -> tuple[LatentHeader, np.ndarr
     count = math.prod(header.shape)
     if header.dtype == "float16":
         bits = np.frombuffer(view, dtype="<u2", count=count, offset=payload_start)
+        if float16:
+            if ((bits & 0x7C00) == 0x7C00).any():  # an all-ones exponent: inf or NaN
+                raise LatentFormatError("latent blob holds NaN or infinite values")
+            return header, bits.view("<f2").reshape(header.shape)
         latents = _half_bits_to_float32(bits).reshape(header.shape)
     else:
         offset, scale = quant
@@ -461,7 +491,7 @@ def _header_from_dict(obj: dict[str, Any]) -> tuple[LatentHeader, Any]:
         if not _is_int(obj[key]):
             raise bad(f"{key} must be an integer, got {obj[key]!r}")
     for key in ("scaling_factor", "shift_factor"):
-        if not _is_number(obj[key]):
+        if not is_number(obj[key]):
             raise bad(f"{key} must be a number, got {obj[key]!r}")
     if obj["version"] != FORMAT_VERSION:
         raise bad(f"version {obj['version']} does not match the prefix ({FORMAT_VERSION})")
@@ -487,25 +517,7 @@ def _header_from_dict(obj: dict[str, Any]) -> tuple[LatentHeader, Any]:
     if not (0 <= obj["pad_right"] < ds and 0 <= obj["pad_bottom"] < ds):
         raise bad(f"a {w}x{h} grid does not fit a {width}x{height} image at {ds} px per cell")
 
-    quant = None
-    if dtype in _LEVELS:
-        q = obj.get("quant")
-        if not isinstance(q, dict) or set(q) != {"offset", "scale"}:
-            raise bad(f"{dtype} latents need quant = {{offset, scale}}")
-        offset, scale = q["offset"], q["scale"]
-        for name, values in (("offset", offset), ("scale", scale)):
-            if (
-                not isinstance(values, list)
-                or len(values) != c
-                or not all(_is_number(v) for v in values)
-            ):
-                raise bad(f"quant.{name} must be {c} numbers")
-        if any(s < 0 for s in scale):
-            raise bad("quant.scale must not be negative")
-        quant = (tuple(float(v) for v in offset), tuple(float(v) for v in scale))
-    elif "quant" in obj:
-        raise bad(f"quant is only valid for int8 and int4, not {dtype}")
-
+    quant = _quant_from_dict(obj, dtype, c, bad)
     header = LatentHeader(
         version=obj["version"],
         autoencoder=obj["autoencoder"],
@@ -522,6 +534,30 @@ def _header_from_dict(obj: dict[str, Any]) -> tuple[LatentHeader, Any]:
         pad_bottom=obj["pad_bottom"],
     )
     return header, quant
+
+
+def _quant_from_dict(
+    obj: dict[str, Any], dtype: str, channels: int, bad: Any
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The per-channel ``(offset, scale)`` of quantised latents (None for float16)."""
+    if dtype not in _LEVELS:
+        if "quant" in obj:
+            raise bad(f"quant is only valid for int8 and int4, not {dtype}")
+        return None
+    q = obj.get("quant")
+    if not isinstance(q, dict) or set(q) != {"offset", "scale"}:
+        raise bad(f"{dtype} latents need quant = {{offset, scale}}")
+    offset, scale = q["offset"], q["scale"]
+    for name, values in (("offset", offset), ("scale", scale)):
+        if (
+            not isinstance(values, list)
+            or len(values) != channels
+            or not all(is_number(v) for v in values)
+        ):
+            raise bad(f"quant.{name} must be {channels} numbers")
+    if any(s < 0 for s in scale):
+        raise bad("quant.scale must not be negative")
+    return tuple(float(v) for v in offset), tuple(float(v) for v in scale)
 
 
 _TWO_POW_112 = np.float32(2.0**112)
@@ -551,7 +587,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -28,6 +28,7 @@ from django.db.models import BinaryField, F
 from django.db.models.functions import Substr
 from django.utils import timezone
 
+from latentstore.columns import by_column, pending_upload
 from latentstore.encoding import enqueue_encode_batch, originals_storage
 from latentstore.fields import (
     EMPTY,
@@ -37,10 +38,10 @@ from latentstore.fields import (
     READY,
     LatentImage,
     LatentImageField,
-    without_blobs,
 )
 from latentstore.latents import LatentFormatError, LatentHeader, read_header
 from latentstore.quality import QualityPolicy
+from latentstore.queries import without_blobs
 
 IN_FLIGHT = "already pending or encoding"
 NO_ORIGINAL = "no original kept"
@@ -119,13 +120,6 @@ def small_rows(model: type[models.Model]) -> models.QuerySet:
     return without_blobs(model._base_manager.all()).order_by("pk")
 
 
-def _companions(field: LatentImageField, **values: Any) -> dict[str, Any]:
-    return {
-        (field.attname if key == "latents" else field.companion_attname(key)): value
-        for key, value in values.items()
-    }
-
-
 def _keeps_originals(field: LatentImageField) -> bool:
     return bool(QualityPolicy.for_field(field).keep_original)  # "low_fidelity" keeps some
 
@@ -147,20 +141,10 @@ def stage_again(
     old_token = getattr(instance, token_col)
     old_original = getattr(instance, field.companion_attname("original"))
     token = uuid.uuid4()
-    values = _companions(
-        field,
-        latents=None,
-        state=PENDING,
-        token=token,
-        error="",
-        attempts=0,
-        changed=timezone.now(),
-        digest="",
-        autoencoder=autoencoder,
-        original="",
-    )
+    values = {**pending_upload(token, autoencoder, timezone.now()), "latents": None}
     if data is not None:
-        values[field.companion_attname("staged")] = data
+        values["staged"] = data
+    values = by_column(field, values)
     model = type(instance)
     rows = model._base_manager.filter(pk=instance.pk)
     rows = rows.filter(**{token_col: old_token} if old_token else {f"{token_col}__isnull": True})
@@ -203,7 +187,7 @@ def source_of(
         staged = manager.filter(pk=image.instance.pk).values_list(staged_col, flat=True).first()
     if staged is not None:
         return bytes(staged), "staged"
-    name = image._companion("original")
+    name = image.original_name
     if name:
         with originals_storage().open(name, "rb") as fh:
             return fh.read(), "original"
@@ -232,7 +216,7 @@ def reencode_row(
         return Outcome(pk, "skipped", EMPTY_ROW)
     if state in (PENDING, ENCODING):
         return Outcome(pk, "skipped", IN_FLIGHT)
-    target = autoencoder or image._companion("autoencoder") or field.autoencoder
+    target = autoencoder or image.autoencoder or field.autoencoder
     try:
         data, source = source_of(image, from_decoded=from_decoded, decoder=decoder, probe=dry_run)
     except LookupError as exc:
@@ -268,7 +252,7 @@ def retry_row(
         return Outcome(pk, "error", f"{type(exc).__name__}: {exc}")
     if dry_run:
         return Outcome(pk, "would stage", source=source)
-    target = image._companion("autoencoder") or field.autoencoder
+    target = image.autoencoder or field.autoencoder
     token = stage_again(instance, field, None if source == "staged" else data, target, batch)
     if token is None:
         return Outcome(pk, "skipped", CHANGED)

@@ -16,13 +16,17 @@ through Pillow.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from latentstore.families import Family, get_family
 
-__all__ = ["latents_to_rgb"]
+if TYPE_CHECKING:
+    from latentstore.latents import LatentHeader
+
+__all__ = ["latents_to_rgb", "preview_picture"]
 
 # Above this many output pixels the numpy upscaler's uint16 temporaries (~16 bytes per pixel)
 # cost more memory than Pillow's resize, and a millisecond more no longer matters.
@@ -84,6 +88,24 @@ def latents_to_rgb(
     if out_w >= w and out_h >= h and out_w * out_h <= _NUMPY_UPSCALE_MAX_PIXELS:
         return _rgbx_image(_upscale_bilinear(rgbx, out_w, out_h))
     return _rgbx_image(rgbx).resize((out_w, out_h), Image.Resampling.BILINEAR)
+
+
+def preview_picture(
+    header: LatentHeader, latents: np.ndarray, size: tuple[int, int]
+) -> Image.Image:
+    """The preview of stored latents at ``size``, lined up with the decoded picture.
+
+    The latent grid also covers the padding added at encode time (to a multiple of the
+    autoencoder's downsampling); only the part of it that holds the picture is resampled.
+    """
+    args = (header.family, header.scaling_factor, header.shift_factor)
+    if not (header.pad_right or header.pad_bottom):
+        return latents_to_rgb(latents, *args, size=size)
+    _c, h, w = latents.shape
+    grid = latents_to_rgb(latents, *args, size=(w, h))
+    # A fractional box: the picture ends inside the last latent row/column.
+    box = (0.0, 0.0, header.width / header.downsample, header.height / header.downsample)
+    return grid.resize(size, Image.Resampling.BILINEAR, box=box)
 
 
 def _rgbx_image(rgbx: np.ndarray) -> Image.Image:

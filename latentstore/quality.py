@@ -3,7 +3,7 @@
 Numpy only (no torch, no Django models imported at module level): the worker measures with
 :func:`psnr` right after encoding (``latentstore_workers.quality``), and the web tier reads the
 stored number through ``LatentImage.psnr`` / ``LatentImage.low_fidelity`` or filters rows with
-:func:`low_fidelity`.
+``latentstore.queries.low_fidelity``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from django.core import checks
 
-from latentstore.latents import _is_number
+from latentstore import conf
+from latentstore.latents import is_number
 
 if TYPE_CHECKING:
     from django.db import models
@@ -25,8 +27,8 @@ __all__ = [
     "MAX_PSNR",
     "KEEP_LOW_FIDELITY",
     "QualityPolicy",
-    "low_fidelity",
     "low_fidelity_q",
+    "field_option_errors",
     "option_problems",
     "psnr",
 ]
@@ -75,7 +77,7 @@ def option_problems(
         problems["keep_original"] = f"is not True, False or {KEEP_LOW_FIDELITY!r}"
     if quality_check not in (*unset, True, False):
         problems["quality_check"] = "is not True or False"
-    if not (unset_allowed and min_psnr is None) and not _is_number(min_psnr):
+    if not (unset_allowed and min_psnr is None) and not is_number(min_psnr):
         problems["min_psnr"] = "is not a number of decibels"
     return problems
 
@@ -96,8 +98,6 @@ class QualityPolicy:
     @classmethod
     def for_field(cls, field: LatentImageField) -> QualityPolicy:
         """The effective policy of ``field``: its own options, else ``LATENTSTORE`` settings."""
-        from latentstore import conf
-
         settings = conf.get_settings()
         keep = field.keep_original if field.keep_original is not None else settings["KEEP_ORIGINAL"]
         check = (
@@ -125,29 +125,6 @@ class QualityPolicy:
         return bool(self.keep_original)
 
 
-def low_fidelity(
-    queryset: models.QuerySet, field: str | None = None, min_psnr: float | None = None
-) -> models.QuerySet:
-    """Rows of ``queryset`` whose measured round-trip PSNR is below the field's threshold.
-
-    ``field`` names the LatentImageField (optional when the model has one); ``min_psnr``
-    overrides the field's threshold. Rows never measured (gate off) are not included. The same
-    as ``queryset.filter(<field>_psnr__lt=threshold)``.
-    """
-    from latentstore.fields import latent_fields_of
-
-    candidates = list(latent_fields_of(queryset.model))
-    fields = [f for f in candidates if field is None or f.name == field]
-    if len(fields) != 1:
-        names = ", ".join(f.name for f in candidates) or "none"
-        raise ValueError(
-            f"name one LatentImageField of {queryset.model._meta.label} "
-            f"(field={field!r}; candidates: {names})"
-        )
-    (target,) = fields
-    return queryset.filter(low_fidelity_q(target, min_psnr))
-
-
 def low_fidelity_q(field: LatentImageField, min_psnr: float | None = None) -> models.Q:
     """The condition "measured below the threshold" on ``field``'s rows, for ``filter()``,
     ``exclude()`` or an aggregate's ``filter=``.
@@ -159,3 +136,33 @@ def low_fidelity_q(field: LatentImageField, min_psnr: float | None = None) -> mo
 
     threshold = QualityPolicy.for_field(field).min_psnr if min_psnr is None else min_psnr
     return Q(**{f"{field.companion_attname('psnr')}__lt": threshold})
+
+
+def field_option_errors(field: LatentImageField) -> list[checks.CheckMessage]:
+    """System-check errors for a field's ``keep_original``, ``quality_check`` and ``min_psnr``."""
+    ids = {
+        "keep_original": "latentstore.E030",
+        "quality_check": "latentstore.E031",
+        "min_psnr": "latentstore.E033",
+    }
+    problems = option_problems(
+        field.keep_original, field.quality_check, field.min_psnr, unset_allowed=True
+    )
+    errors = [
+        checks.Error(f"{name}={getattr(field, name)!r} {why}.", obj=field, id=ids[name])
+        for name, why in problems.items()
+    ]
+    # A field-only conflict: the settings' KEEP_ORIGINAL="low_fidelity" just turns the
+    # check on. Both options are valid here, so only E033 can precede it: put it first.
+    if field.quality_check is False and field.keep_original == KEEP_LOW_FIDELITY:
+        errors.insert(
+            0,
+            checks.Error(
+                "keep_original='low_fidelity' needs the round-trip measurement, but "
+                "quality_check=False turns it off.",
+                obj=field,
+                hint="Drop quality_check=False (keep_original='low_fidelity' turns it on).",
+                id="latentstore.E032",
+            ),
+        )
+    return errors

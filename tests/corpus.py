@@ -9,7 +9,7 @@ reviewable. ``expect`` is one of:
 * ``"ready"``    -- a valid if unusual image that the RGB policy handles; it is encoded, and the
   stored size is ``size`` (the displayed size, after EXIF orientation).
 
-The policy itself lives in ``latentstore/images.py`` and the README ("Upload policy").
+The policy itself lives in ``latentstore/images.py`` and docs/field.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.tiny import image_bytes, make_test_image
 @dataclass(frozen=True)
 class Case:
     name: str
-    what: str  # one line for the README report
+    what: str  # one line for the robustness report
     build: Callable[[], bytes]
     expect: str  # "rejected" | "failed" | "ready"
     code: str = ""  # ValidationError code, for "rejected"

@@ -1,9 +1,10 @@
 """The robustness report: what the fault and bad-input tests tried, and what became of the rows.
 
 Tests record each case through the ``robustness`` fixture; at the end of a session that ran
-every case, the report is written to ``var/test-artifacts/robustness.md`` and into the README
-between the ``robustness-report`` markers. The README table is therefore produced by the suite,
-never typed by hand: a case that did not run, or failed, keeps the README as it was.
+every case, the report is written to ``var/test-artifacts/robustness.md`` and into the manual
+between the ``robustness-report`` markers of ``docs/robustness.md``. The table is therefore
+produced by the suite, never typed by hand: a case that did not run, or failed, keeps the page
+as it was.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+# The robustness page of the manual holds the table between its markers.
+README = ROOT / "docs" / "robustness.md"
 ARTIFACT = ROOT / "var" / "test-artifacts" / "robustness.md"
 #: The faults of ``tests/test_faults.py``: name -> what the test does.
 FAULTS: dict[str, str] = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentstore.latents import blob_digest, pack
+from latentstore.latents import blob_digest, pack, read_header
 
 
 def fake_blob(seed: int = 0) -> bytes:
@@ -56,6 +56,46 @@ def make_rows(
             blob = fake_blob(start + i + 1)
             Photo.objects.filter(pk=pk).update(image=blob, image_digest=blob_digest(blob))
     return pks
+
+
+def latent_blob(
+    width: int = 40,
+    height: int = 24,
+    *,
+    seed: int = 0,
+    channels: int = 4,
+    dtype: str = "float16",
+    **origin,
+) -> bytes:
+    """Seeded latents of a ``width`` x ``height`` picture from no model (the spread of SD-VAE
+    means: std 5), packed with ``origin`` (``autoencoder``, ``family``, ``fingerprint``,
+    ``scaling_factor``, ``shift_factor``; by default those of :func:`fake_blob`)."""
+    grid = (channels, -(-height // 8), -(-width // 8))
+    z = np.random.default_rng(seed).normal(scale=5.0, size=grid).astype("float32")
+    stamp = {
+        "autoencoder": "default",
+        "family": "sd",
+        "fingerprint": "0" * 16,
+        "scaling_factor": 0.18215,
+        "shift_factor": 0.0,
+        **origin,
+    }
+    return pack(z, width=width, height=height, dtype=dtype, **stamp)
+
+
+def store_ready(model, pk, blob: bytes, field: str = "image") -> None:
+    """Give row ``pk`` the latents ``blob`` in state ready, as a worker's write-back leaves it."""
+    header = read_header(blob)
+    model._base_manager.filter(pk=pk).update(
+        **{
+            field: blob,
+            f"{field}_state": "ready",
+            f"{field}_digest": blob_digest(blob),
+            f"{field}_width": header.width,
+            f"{field}_height": header.height,
+            f"{field}_autoencoder": header.autoencoder,
+        }
+    )
 
 
 def run_web_tier(script: str, var_dir: Path, timeout: float) -> subprocess.CompletedProcess:

@@ -75,6 +75,34 @@ STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
 
+# A command run as a subprocess by a test reads the files that test wrote.
+if os.environ.get("LATENTSTORE_TEST_MEDIA"):
+    STORAGES["default"]["OPTIONS"]["location"] = os.environ["LATENTSTORE_TEST_MEDIA"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# S3 for real: django-storages against moto's server mode, which tests/conftest.py (s3_server)
+# starts on this port. Set in the environment so worker and command subprocesses agree.
+S3_PORT = int(os.environ.setdefault("LATENTSTORE_TEST_S3_PORT", str(_free_port())))
+STORAGES["s3"] = {
+    "BACKEND": "storages.backends.s3.S3Storage",
+    "OPTIONS": {
+        "bucket_name": "latentstore-tests",
+        "endpoint_url": f"http://127.0.0.1:{S3_PORT}",
+        "access_key": "testing",
+        "secret_key": "testing",
+        "region_name": "us-east-1",
+        "addressing_style": "path",
+        "querystring_auth": False,
+        "file_overwrite": True,
+    },
+}
+
 # Messages of this run live under their own key prefix, so concurrent runs share Redis safely.
 CELERY_BROKER_URL = REDIS_URL if REDIS_AVAILABLE else "memory://"
 CELERY_BROKER_TRANSPORT_OPTIONS = {

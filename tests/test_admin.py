@@ -185,8 +185,8 @@ def test_action_reencode_selected_from_kept_originals(
     )
     assert response.status_code == 200
     text = [str(m) for m in response.context["messages"]]
-    assert any("1 photos (image) re-encoding" in m for m in text), text
-    assert any("1 photos (image) skipped: no original kept" in m for m in text), text
+    assert any("1 photo (image) re-encoding" in m for m in text), text
+    assert any("1 photo (image) skipped: no original kept" in m for m in text), text
     kept.refresh_from_db()
     assert kept.image.state == "pending" and kept.image_token != old_token
     assert bytes(kept.image_staged) == png_bytes and kept.image_original == ""
@@ -203,7 +203,7 @@ def test_action_retry_failed(admin_client, broker):
         CHANGELIST, {"action": "retry_failed", "_selected_action": [failed, ready]}, follow=True
     )
     text = [str(m) for m in response.context["messages"]]
-    assert any("1 photos (image) queued again" in m for m in text), text
+    assert any("1 photo (image) queued again" in m for m in text), text
     assert any("skipped: not failed" in m for m in text), text
     row = Photo.objects.get(pk=failed)
     assert row.image.state == "pending" and row.image_error == "" and row.image_attempts == 0

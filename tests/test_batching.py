@@ -22,7 +22,7 @@ from latentstore_workers.codec import (
     NonFiniteImage,
     NonFiniteLatents,
     decode_latents,
-    decode_many,
+    decode_outcomes,
     encode_images,
     encode_many,
     iter_encode,
@@ -117,7 +117,7 @@ def test_batched_decode_equals_one_by_one():
     items = [(z, img.width, img.height) for z, img in zip(latents, images, strict=True)]
     singles = [decode_latents(ae, *item) for item in items]
     with watch(ae.model.decoder) as shapes:
-        outcomes = decode_many(ae, items)
+        outcomes = decode_outcomes(ae, items)
     assert sorted(s[0] for s in shapes) == [1, 2, 4]
     for single, outcome in zip(singles, outcomes, strict=True):
         assert outcome.value.size == single.size
@@ -150,11 +150,12 @@ def test_memory_budget_bounds_the_batch(settings, tiny_vae_dir):
 
 def test_the_next_batch_is_launched_before_the_previous_is_handed_back():
     """Each batch is handed back as it is done, and the device never waits for the consumer:
-    pass N+1 is queued before N's results go out."""
+    pass N+1 is queued before N's results go out (the default on an asynchronous device, a GPU;
+    asked for here, on the CPU)."""
     ae = load_autoencoder("default")
     events: list[str] = []
     with watch(ae.model.encoder, fault=lambda x: events.append(f"launch {x.shape[0]}")):
-        for done in iter_encode(ae, pictures([(32, 32)] * 5), max_batch=2):
+        for done in iter_encode(ae, pictures([(32, 32)] * 5), max_batch=2, lookahead=True):
             events.append(f"results {[i for i, _o in done]}")
     assert events == [
         "launch 2",
@@ -181,7 +182,7 @@ def test_a_stream_pulls_its_next_chunk_while_the_device_is_busy():
 
     with watch(ae.model.encoder, fault=lambda x: events.append("launch")):
         outcomes = {}
-        for done in iter_encode_stream(ae, chunks()):
+        for done in iter_encode_stream(ae, chunks(), lookahead=True):  # as on a GPU
             events.append(f"results {[i for i, _o in done]}")
             outcomes.update(done)
     assert events == ["chunk 0", "launch", "chunk 2", "launch", "results [0, 1]", "results [2, 3]"]
@@ -305,7 +306,7 @@ def test_out_of_memory_splits_decode_batches_too():
     items = [(z, 32, 32) for z in encode_images(ae, images)]
     expected = [np.asarray(decode_latents(ae, *item)) for item in items]
     with watch(ae.model.decoder, fault=oom_above(1)) as shapes:
-        outcomes = decode_many(ae, items, max_batch=4)
+        outcomes = decode_outcomes(ae, items, max_batch=4)
     assert [s[0] for s in shapes] == [4, 2, 1, 1, 2, 1, 1]
     for outcome, value in zip(outcomes, expected, strict=True):
         assert np.array_equal(np.asarray(outcome.value), value)
@@ -439,7 +440,7 @@ def test_float16_decode_overflow_is_re_run_in_float32(settings, overflow_dir):
     clear_cache()
     configure(settings, overflow_dir, CPU_DTYPE="float16")
     ae = load_autoencoder("default")
-    (outcome,) = decode_many(ae, [(z, 40, 24)])
+    (outcome,) = decode_outcomes(ae, [(z, 40, 24)])
     assert outcome.ok and outcome.float32_rerun
     assert np.array_equal(np.asarray(outcome.value), exact)
 
@@ -548,7 +549,7 @@ def test_tiling_threshold_decides_the_path(settings, tiny_vae_dir):
     assert len(shapes) > 1 and all(s[-1] <= 32 and s[-2] <= 32 for s in shapes)
     z = large.value
     with watch(ae.model.decoder) as shapes:
-        (picture,) = decode_many(ae, [(z, 72, 72)])
+        (picture,) = decode_outcomes(ae, [(z, 72, 72)])
     assert picture.tiled and picture.value.size == (72, 72)
     assert len(shapes) > 1 and all(s[-1] <= 4 for s in shapes)  # 32-pixel tiles: 4 latents
     assert not ae.model.use_tiling  # switched on for the call only
@@ -568,7 +569,7 @@ def test_tiled_result_is_close_to_untiled(settings, local_dir):
     configure(settings, local_dir, TILE_ABOVE_PIXELS=128 * 128, TILE_SIZE=128)
     ae = load_autoencoder("default")
     tiled = encode_many(ae, images)
-    decoded = decode_many(ae, [(z, 256, 256) for z in whole])
+    decoded = decode_outcomes(ae, [(z, 256, 256) for z in whole])
     for a, b, p, q in zip(whole, tiled, whole_pictures, decoded, strict=True):
         assert b.tiled and q.tiled
         assert np.corrcoef(a.ravel(), b.value.ravel())[0, 1] > 0.99
@@ -590,7 +591,7 @@ def test_gpu_half_precision_matches_cpu_float32(settings, tiny_vae_dir):
     assert ae.device.type == "cuda" and ae.dtype == torch.float16
     for a, b in zip(encode_images(ae, images), reference, strict=True):
         np.testing.assert_allclose(a, b, atol=0.02)
-    pictures_back = decode_many(
+    pictures_back = decode_outcomes(
         ae, [(z, img.width, img.height) for z, img in zip(reference, images, strict=True)]
     )
     assert all(o.ok for o in pictures_back)
@@ -608,8 +609,8 @@ def test_gpu_pipelined_batches_equal_one_at_a_time(settings, tiny_vae_dir):
     for a, b in zip(batched, single, strict=True):
         np.testing.assert_allclose(a.value, b.value, atol=0.01)
     items = [(o.value, 48, 32) for o in single]
-    back = decode_many(ae, items, max_batch=2)
-    alone = [decode_many(ae, [item], max_batch=1)[0] for item in items]
+    back = decode_outcomes(ae, items, max_batch=2)
+    alone = [decode_outcomes(ae, [item], max_batch=1)[0] for item in items]
     for a, b in zip(back, alone, strict=True):
         diff = np.abs(np.asarray(a.value, np.int16) - np.asarray(b.value, np.int16))
         assert diff.max() <= 2
@@ -632,7 +633,7 @@ def test_gpu_tiled_2048_decode_of_the_full_sd_vae_stays_under_8_gib(tmp_path, se
     ae = load_autoencoder("default")
     z = np.random.default_rng(0).normal(size=(4, 256, 256)).astype(np.float32)
     torch.cuda.reset_peak_memory_stats()
-    (outcome,) = decode_many(ae, [(z, 2048, 2048)])
+    (outcome,) = decode_outcomes(ae, [(z, 2048, 2048)])
     assert outcome.ok and outcome.tiled and outcome.value.size == (2048, 2048)
     assert torch.cuda.max_memory_allocated() < 8 * 2**30
 

@@ -196,3 +196,47 @@ def test_admin_in_a_real_browser(browser, live_server, celery_worker, tmp_path):
     browser.get(f"{live_server.url}/admin/demo/photo/{uploaded.pk}/change/")
     assert browser.find_element(By.CSS_SELECTOR, ".latent-badge-ready").text == "ready"
     assert browser.save_screenshot(str(ARTIFACTS / "admin-change-form.png"))
+
+
+PICTURES = """
+return Array.from(document.querySelectorAll('figure picture img')).map(img => ({
+    title: img.alt, state: img.dataset.latentState, complete: img.complete,
+    currentSrc: img.currentSrc, naturalWidth: img.naturalWidth,
+    naturalHeight: img.naturalHeight, renderedWidth: img.getBoundingClientRect().width}));
+"""
+
+
+@pytest.mark.urls("tests.picture_page")
+def test_latent_picture_in_a_real_browser(browser, live_server):
+    """Chromium picks a source of the <picture> for sizes="320px" and draws it 320 px wide."""
+    ready = Photo.objects.create(
+        title="ready", image=image_bytes(make_test_image(400, 240, seed=3), "PNG")
+    )
+    encode_now(ready)
+    Photo.objects.create(title="pending", image=image_bytes(make_test_image(400, 240), "PNG"))
+
+    browser.get(f"{live_server.url}/pictures/")
+    shown = wait_until(
+        lambda: (
+            (p := browser.execute_script(PICTURES))
+            and len(p) == 2
+            and all(i["complete"] and i["naturalWidth"] for i in p)
+            and {i["title"]: i for i in p}
+        ),
+        what="both pictures to load",
+    )
+    picked = shown["ready"]
+    assert picked["state"] == "ready"
+    # Chromium reads AVIF: it takes the first <source>, and the 320w candidate for a 320 px slot
+    # at device pixel ratio 1 (the candidates are 160w, 320w and the picture's own 400w).
+    assert picked["currentSrc"].startswith(f"{live_server.url}/latents/p/"), picked
+    assert picked["currentSrc"].endswith("/1.avif"), picked
+    assert (picked["naturalWidth"], picked["naturalHeight"]) == (320, 192), picked
+    assert picked["renderedWidth"] == 320, picked
+    pending = shown["pending"]
+    assert pending["state"] == "pending" and pending["currentSrc"].endswith("pending.svg")
+    assert pending["renderedWidth"] == 320  # the same box as the ready picture's
+    assert "Server Error" not in browser.page_source
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "latent-picture.png"))

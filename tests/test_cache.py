@@ -10,7 +10,8 @@ from django.core.cache import caches
 from django.test import override_settings
 
 from latentstore import cache as tiers
-from latentstore.decoding import cache_key, get_cache
+from latentstore.cache import get_cache
+from latentstore.cache import picture_key as cache_key
 from project.models import Photo
 from tests.conftest import latentstore_config, requires_redis
 from tests.test_field import encode_now

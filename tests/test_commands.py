@@ -367,14 +367,14 @@ def test_warm_decodes_a_chunk_in_one_batched_call(monkeypatch):
     (corrupt,) = make_rows(1)
     Photo.objects.filter(pk=corrupt).update(image=good[0].image.blob[:-5])
     backend_class = type(decoders["default"])
-    real = backend_class.decode_many
+    real = backend_class.decode_batch
     batches = []
 
     def spy(self, items):  # the backend's own batched decode, counted
         batches.append(len(items))
         return real(self, items)
 
-    monkeypatch.setattr(backend_class, "decode_many", spy)
+    monkeypatch.setattr(backend_class, "decode_batch", spy)
     out, error = fails("latents_warm", "--size", "32", "--verbosity", "2")
     assert batches == [3]  # one call for the chunk, not one decode per picture
     assert "3 warmed" in out and "1 failed" in out

@@ -10,7 +10,8 @@ from django.core.cache import caches
 from PIL import Image
 
 from latentstore import cache as latent_cache
-from latentstore.decoding import decode_many, key_for
+from latentstore.decoding import decode_images as decode_many
+from latentstore.decoding import key_for
 from latentstore.fields import LatentsNotReady
 from latentstore.maintenance import small_rows
 from latentstore_workers.autoencoders import load_autoencoder
@@ -147,7 +148,7 @@ def test_decode_many_reads_the_deferred_blobs_in_one_query(django_assert_num_que
 
 
 def test_decode_many_matches_prefetched_blobs_by_uuid_primary_key(django_assert_num_queries):
-    from latentstore.fields import without_blobs
+    from latentstore.queries import without_blobs
     from tests.testapp.models import Item
 
     for i in range(3):

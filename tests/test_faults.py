@@ -4,7 +4,8 @@ Each test breaks one thing the way production breaks it — a worker killed mid-
 restarted with its queue gone, the broker down at ``save()``, a rolled-back transaction, a
 re-upload racing an encode, a poison picture, the database cut during write-back, a corrupt
 blob — and ends with every row ``ready`` or honestly ``failed``, each written exactly once.
-What happened is recorded for the README's robustness report (``tests/robustness.py``).
+What happened is recorded for the robustness report of docs/robustness.md
+(``tests/robustness.py``).
 
 Workers are real processes (``tests.faults.WorkerProcess``) sharing the test's database, broker
 key prefix and ``LATENTSTORE`` settings; a slow or poisoned encode is injected into the real
@@ -53,14 +54,6 @@ def magenta(size=(40, 24)) -> bytes:
     from PIL import Image
 
     return image_bytes(Image.new("RGB", size, (255, 0, 255)), "PNG")
-
-
-@pytest.fixture
-def fault_settings(settings):
-    def apply(**options) -> None:
-        settings.LATENTSTORE = {**settings.LATENTSTORE, **options}
-
-    return apply
 
 
 def states(photos) -> list[str]:

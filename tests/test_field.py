@@ -15,7 +15,8 @@ from django.db import connection, transaction
 from django.forms import modelform_factory
 from django.test.utils import CaptureQueriesContext
 
-from latentstore.fields import LatentsNotReady, without_blobs
+from latentstore.fields import LatentsNotReady
+from latentstore.queries import without_blobs
 from latentstore_workers import tasks as worker_tasks
 from project.models import Photo
 from tests.testapp.models import Item, Poster

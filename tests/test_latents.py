@@ -702,3 +702,23 @@ def test_property_any_corruption_is_detected(case, dtype, data):
     n = data.draw(st.integers(0, len(blob) - 1), label="truncate")
     with pytest.raises(LatentFormatError):
         unpack(blob[:n])
+
+
+def test_unpack_can_hand_back_float16_as_stored():
+    z = sd_latents()
+    blob = pack(z, **kwargs(z.shape))
+    header, as_float32 = unpack(blob)
+    header16, stored = unpack(blob, float16=True)
+    assert header16 == header and stored.dtype == np.float16 and not stored.flags.writeable
+    assert np.array_equal(stored.astype(np.float32), as_float32)
+    # Quantised blobs are float32 either way.
+    _h, int8 = unpack(pack(z, **kwargs(z.shape, dtype="int8")), float16=True)
+    assert int8.dtype == np.float32
+    # A forged float16 payload holding an infinity is refused, as the float32 path refuses it.
+    head = json.loads(bytes(blob[10 : 10 + header_len(blob)]))
+    bits = np.frombuffer(z.astype(np.float16).tobytes(), dtype="<u2").copy()
+    bits[3] = 0x7C00
+    forged = forge(head, bits.tobytes())
+    for float16 in (False, True):
+        with pytest.raises(LatentFormatError, match="NaN or infinite"):
+            unpack(forged, float16=float16)

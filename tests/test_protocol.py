@@ -58,7 +58,7 @@ def test_reupload_while_encoding_keeps_only_the_newest(celery_worker):
     # And a redelivered v1 message is a no-op too.
     assert (
         worker_tasks.encode.apply(args=["demo.Photo", photo.pk, "image", str(old_token)]).get()
-        == "stale"
+        == worker_tasks.NOTHING_TO_DO
     )
     photo.image.refresh()
     assert photo.image.blob == newest
@@ -113,7 +113,7 @@ def test_claim_past_the_attempt_cap_fails_the_row(png_bytes):
         worker_tasks.encode.apply(
             args=["demo.Photo", photo.pk, "image", str(photo.image_token)]
         ).get()
-        == "stale"
+        == worker_tasks.NOTHING_TO_DO
     )
     photo.image.refresh()
     assert photo.image.state == "failed" and "Gave up" in photo.image.error

@@ -17,7 +17,9 @@ from PIL import Image
 from latentstore import encoding
 from latentstore.checks import check_settings
 from latentstore.fields import LatentImageField
-from latentstore.quality import MAX_PSNR, QualityPolicy, low_fidelity, psnr
+from latentstore.quality import MAX_PSNR, QualityPolicy, psnr
+from latentstore.queries import low_fidelity
+from latentstore.staging import original_name
 from latentstore_workers import tasks as worker_tasks
 from project.models import Photo
 from tests.conftest import latentstore_config, shipped_config
@@ -215,7 +217,7 @@ def test_stale_low_fidelity_result_removes_the_kept_original(settings, png_bytes
     photo.image = png_bytes  # re-uploaded meanwhile: a new token
     photo.save()
     storage = encoding.originals_storage()
-    name = encoding._original_name(claim)
+    name = original_name(claim.label, claim.field_name, claim.pk, claim.token)
     assert encoding.write_back(claim, b"LTNT-not-written", "d" * 32, psnr=5.0) is False
     assert not storage.exists(name)
     assert Photo.objects.get(pk=photo.pk).image_psnr is None

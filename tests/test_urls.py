@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from PIL import Image
 
 from latentstore import signing
-from latentstore.decoding import encode_picture, fit_size, get_cache, key_for
+from latentstore.decoding import fit_size, get_cache, key_for, picture_bytes
 from latentstore.fields import LatentsNotReady
 from project.models import Photo
 from tests.conftest import latentstore_config
@@ -64,14 +64,15 @@ def test_cold_cache_serves_the_preview_and_schedules_one_warm_up(client, broker,
     assert "no-cache" in response["Cache-Control"] and "immutable" not in response["Cache-Control"]
     assert response["ETag"].startswith('W/"')
     target = fit_size((40, 24), 32)
-    expected = encode_picture(ready_photo.image.preview(target), "WEBP")
+    expected = picture_bytes(ready_photo.image.preview(target), "WEBP")
     assert response.content == expected
 
     again = client.get(url)  # still cold: the same preview, no second decode task
     assert again.content == expected
-    key, _ = key_for(ready_photo.image, "default", (32, 32), "WEBP")
+    # The warm-up decodes the size's lossless master, which every format of the size shares.
+    key, _ = key_for(ready_photo.image, "default", (32, 32), "PNG")
     assert decode_messages(broker) == [
-        ["demo.Photo", ready_photo.pk, "image", "default", list(target), "WEBP", key]
+        ["demo.Photo", ready_photo.pk, "image", "default", list(target), "PNG", key]
     ]
     revalidated = client.get(url, headers={"if-none-match": response["ETag"]})
     assert revalidated.status_code == 304
@@ -81,7 +82,7 @@ def test_the_warm_up_decode_makes_the_next_view_sharp(client, celery_worker, rea
     url = ready_photo.image.url(size=32)
     preview = client.get(url)
     assert preview["ETag"].startswith('W/"')
-    key, _ = key_for(ready_photo.image, "default", (32, 32), "WEBP")
+    key, _ = key_for(ready_photo.image, "default", (32, 32), "PNG")  # the size's master
     deadline = time.monotonic() + 60
     while get_cache().get(key) is None:
         assert time.monotonic() < deadline, "the warm-up decode never reached the cache"

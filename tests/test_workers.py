@@ -20,6 +20,7 @@ from latentstore_workers.autoencoders import clear_cache, fingerprint_state_dict
 from latentstore_workers.codec import NonFiniteLatents, decode_latents, encode_images
 from latentstore_workers.images import to_pil, to_tensor
 from latentstore_workers.quality import measure_round_trip
+from tests.conftest import GPU_PLAN
 from tests.tiny import make_test_image, save_tiny_autoencoder, tiny_autoencoder_config
 
 SD3 = {
@@ -33,7 +34,7 @@ SD3 = {
 
 def latentstore(path: pathlib.Path, **options) -> dict:
     entry = {"PRETRAINED": str(path), "FAMILY": "sd", "DTYPE": "float32", "DEVICE": "cpu"}
-    return {"AUTOENCODERS": {"default": {**entry, **options}}}
+    return {"AUTOENCODERS": {"default": {**entry, **options}}, **GPU_PLAN}
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +138,7 @@ def test_half_precision_on_cpu_falls_back_to_float32(sd_dir, caplog):
         reference = load_autoencoder("default").fingerprint
     for dtype in ("float16", "bfloat16"):
         clear_cache()
-        with caplog.at_level(logging.WARNING, logger="latentstore_workers.autoencoders"):
+        with caplog.at_level(logging.DEBUG, logger="latentstore_workers.autoencoders"):
             with override_settings(LATENTSTORE=latentstore(sd_dir, DTYPE=dtype)):
                 ae = load_autoencoder("default")
         assert ae.dtype == torch.float32

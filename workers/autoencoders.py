@@ -36,6 +36,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from latentstore.conf import get_autoencoder_config, get_settings
+from latentstore_workers.weights import local_files_only
 
 __all__ = [
     "LoadedAutoencoder",
@@ -80,6 +81,11 @@ class LoadedAutoencoder:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     # (operation, input shape) -> largest batch that fitted after an out-of-memory split.
     batch_caps: dict[tuple[str, tuple[int, ...]], int] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    # (operation, input shape) -> {batch size: (passes, best seconds per picture)} of the CPU
+    # passes run so far: what the CPU batch plan is chosen from (latentstore_workers.cpu).
+    pass_times: dict[tuple[str, tuple[int, int]], dict[int, tuple[int, float]]] = field(
         default_factory=dict, repr=False, compare=False
     )
     _float32: LoadedAutoencoder | None = field(default=None, repr=False, compare=False)
@@ -251,7 +257,8 @@ def _resolve_dtype(
     if dtype != cpu_dtype and cpu_dtype == torch.float32:
         # Half-precision convolutions on CPU are slow or unimplemented; the latents differ only
         # in rounding, and the fingerprint does not depend on the dtype.
-        logger.warning(
+        # Debug, not a warning: every CPU process of a GPU-first configuration would say it.
+        logger.debug(
             "Autoencoder %r: DTYPE %s is for GPUs; on CPU it runs in CPU_DTYPE %s",
             alias,
             str(dtype).removeprefix("torch."),
@@ -318,6 +325,10 @@ def load_pretrained(
         kwargs["subfolder"] = subfolder
     if revision:
         kwargs["revision"] = revision
+    if local_files_only(pretrained, subfolder, revision):
+        # Cached, and the hub cannot be asked whether it changed: the client would retry for
+        # ~23 s on every load before falling back to the cache.
+        kwargs["local_files_only"] = True
     # Loaded in float32 (the default): the fingerprint is computed before any cast.
     model = cls.from_pretrained(pretrained, **kwargs)
     model.eval()

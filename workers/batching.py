@@ -17,9 +17,16 @@ pass is handled per item:
 one batch queued behind the one computing: it launches batch N+1, then waits for batch N (whose
 outputs were copied to pinned host memory behind an event, so that wait ends when N is done,
 not N+1), hands N back — the caller packs and stores it while N+1 computes — and stacks N+2's
-inputs. A compiled model runs every batch at its planned size (a short batch is padded with
-copies of its last input, the extra outputs dropped), so it keeps one graph per shape instead
-of recompiling for each odd size.
+inputs. On a CPU a "launch" computes the whole pass before it returns, so there each batch is
+handed back as soon as it is done, before the next is pulled: looking ahead would only delay
+every result by one pass. A compiled model runs every batch at its planned size (a short batch
+is padded with copies of its last input, the extra outputs dropped), so it keeps one graph per
+shape instead of recompiling for each odd size.
+
+**On a CPU the plan comes from the device**: batch sizes are chosen from the passes' measured
+seconds per picture (``latentstore_workers.cpu``, ``CPU_BATCH_SIZE``), not from memory alone.
+:func:`plan` is lazy for that reason: each batch's size is decided when the stream pulls it,
+after the pass before it was measured.
 
 What a "job" knows — how to stack inputs, call the model and unpack outputs — lives in
 ``latentstore_workers.codec``; this module knows only about batches.
@@ -28,6 +35,7 @@ What a "job" knows — how to stack inputs, call the model and unpack outputs �
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,10 +43,21 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from latentstore_workers import cpu
 from latentstore_workers.autoencoders import LoadedAutoencoder
 from latentstore_workers.memory import activation_bytes, is_out_of_memory, release
 
-__all__ = ["Batch", "Job", "NonFinite", "Outcome", "OutOfMemory", "plan", "run", "stream"]
+__all__ = [
+    "Batch",
+    "Job",
+    "NonFinite",
+    "OutOfMemory",
+    "Outcome",
+    "batch_size",
+    "plan",
+    "run",
+    "stream",
+]
 
 logger = logging.getLogger("latentstore_workers.batching")
 
@@ -107,33 +126,54 @@ def run(
     """Run items ``0..count-1`` of ``job``; yield ``[(index, outcome), ...]`` after each batch.
 
     Every index appears in exactly one yielded list. ``max_batch`` bounds the items per forward
-    pass; the memory budget may bound it further for large pictures.
+    pass; the memory budget may bound it further for large pictures, and on a CPU the measured
+    plan (``CPU_BATCH_SIZE``).
     """
     yield from stream(ae, job, plan(ae, job, range(count), max_batch=max_batch))
 
 
-def plan(ae: LoadedAutoencoder, job: Job, indices: Iterable[int], *, max_batch: int) -> list[Batch]:
-    """Batches for ``indices``: grouped by shape, cut by ``max_batch`` and the memory budget."""
+def plan(
+    ae: LoadedAutoencoder, job: Job, indices: Iterable[int], *, max_batch: int
+) -> Iterator[Batch]:
+    """Batches for ``indices``: grouped by shape, cut by ``max_batch`` and the memory budget
+    (on a CPU, by the measured plan too).
+
+    Lazy: the items are grouped now, but each batch's size is decided when it is pulled, so a
+    CPU pass's measurement plans the pass after it.
+    """
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive, not {max_batch}")
     groups: dict[tuple[int, int], list[int]] = {}
     for index in indices:
         groups.setdefault(job.shape(index), []).append(index)
-    batches = []
+    return _cut(ae, job, groups, max_batch)
+
+
+def _cut(
+    ae: LoadedAutoencoder, job: Job, groups: dict[tuple[int, int], list[int]], max_batch: int
+) -> Iterator[Batch]:
     for shape, members in groups.items():
-        step = _batch_size(ae, job.operation, shape, max_batch)
-        batches += [Batch(shape, members[i : i + step], step) for i in range(0, len(members), step)]
-    return batches
+        start = 0
+        while start < len(members):
+            step = batch_size(ae, job.operation, shape, max_batch)
+            yield Batch(shape, members[start : start + step], step)
+            start += step
 
 
 def stream(
-    ae: LoadedAutoencoder, job: Job, batches: Iterable[Batch]
+    ae: LoadedAutoencoder, job: Job, batches: Iterable[Batch], *, lookahead: bool | None = None
 ) -> Iterator[list[tuple[int, Outcome]]]:
-    """Run ``batches`` (pulled one ahead of the device) and yield each one's outcomes in order.
+    """Run ``batches`` and yield each one's outcomes in order.
 
     ``batches`` may be a generator that produces work as it goes (the encode worker claims the
-    next rows while the device computes); it is pulled while the current batch runs.
+    next rows while the device computes). With ``lookahead`` (default: on an asynchronous
+    device, not on a CPU) the next batch is pulled and launched before the current one is
+    handed back; without it each batch is handed back as soon as it is done.
     """
+    if lookahead is None:
+        lookahead = ae.device.type != "cpu"
+    if ae.device.type == "cpu":
+        cpu.apply_threads()
     source = iter(batches)
     moved: deque[Batch] = deque()  # items whose real shape differed: a batch of their own
 
@@ -149,7 +189,12 @@ def stream(
             return None, exc
 
     in_flight: _Pass | None = None
-    while (batch := pull()) is not None:
+    while True:
+        if in_flight is not None and not lookahead:
+            yield in_flight.finish()
+            in_flight = None
+        if (batch := pull()) is None:
+            break
         current = _launch(ae, job, batch, stack(batch), moved)
         if in_flight is not None:
             yield in_flight.finish()  # waits for the previous batch only
@@ -162,7 +207,9 @@ def stream(
         yield in_flight.finish()
 
 
-def _batch_size(ae: LoadedAutoencoder, operation: str, shape: tuple[int, int], most: int) -> int:
+def batch_size(ae: LoadedAutoencoder, operation: str, shape: tuple[int, int], most: int) -> int:
+    """Pictures in the next pass of ``shape`` (model-side ``(height, width)``), at most ``most``:
+    bounded by the memory budget and the sizes that fitted; on a CPU, chosen by speed."""
     height, width = shape
     pixels = height * width
     if ae.should_tile(width, height):
@@ -170,7 +217,10 @@ def _batch_size(ae: LoadedAutoencoder, operation: str, shape: tuple[int, int], m
     per_item = activation_bytes(ae.block_width, ae.dtype, pixels, operation)
     by_memory = max(1, ae.memory_budget // max(1, per_item))
     learned = ae.batch_caps.get((operation, shape), most)
-    return max(1, min(most, by_memory, learned))
+    size = max(1, min(most, by_memory, learned))
+    if ae.device.type == "cpu":  # memory bounds a CPU batch too, but speed decides it
+        size = cpu.batch_size(ae, operation, shape, size)
+    return size
 
 
 @dataclass
@@ -219,6 +269,7 @@ def _start(
     """Launch one forward pass and the copies of its output; or what the launch raised (for
     :func:`_recover`)."""
     live = x.shape[0]
+    started = time.perf_counter()
     try:
         with ae.tiling(tiled), torch.inference_mode():
             x_in = _padded(x, pad_to) if pad_to > live else x
@@ -238,6 +289,9 @@ def _start(
             # retry needs the memory.
             exc.__traceback__ = None
         return exc
+    if ae.device.type == "cpu" and not tiled and pad_to <= live:
+        # Synchronous on a CPU: the pass is done, and its time plans the next (cpu.py).
+        cpu.record(ae, job.operation, shape, live, time.perf_counter() - started)
     return _Pass(ae, job, shape, indices, x, tiled, host, flags, event, results)
 
 

@@ -13,7 +13,8 @@ memory, splits them on out-of-memory, bisects poison items and re-runs overflowe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -33,7 +34,7 @@ __all__ = [
     "NonFiniteLatents",
     "UnreadablePicture",
     "decode_latents",
-    "decode_many",
+    "decode_outcomes",
     "encode_images",
     "encode_many",
     "iter_decode",
@@ -43,6 +44,9 @@ __all__ = [
 
 #: An image to encode: a PIL image, or a future of one (decoded by a thread pool meanwhile).
 Picture = Image.Image | Future
+
+#: Told the seconds each host stage of an encode took: ``timer("stack", 0.002)``.
+Timer = Callable[[str, float], None]
 
 
 class NonFiniteLatents(ValueError):
@@ -76,14 +80,30 @@ def _layout(ae: LoadedAutoencoder) -> torch.memory_format:
     return torch.channels_last if ae.channels_last else torch.contiguous_format
 
 
+def _timed(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` reporting its seconds to ``self.timer`` (a method of a job), when one is set."""
+
+    def method(self: Any, *args: Any) -> Any:
+        if self.timer is None:
+            return fn(self, *args)
+        start = time.perf_counter()
+        try:
+            return fn(self, *args)
+        finally:
+            self.timer(stage, time.perf_counter() - start)
+
+    return method
+
+
 class _EncodeJob:
     operation = "encode"
 
-    def __init__(self, downsample: int) -> None:
+    def __init__(self, downsample: int, timer: Timer | None = None) -> None:
         self.sources: list[Picture | None] = []  # grows with add(); None once forgotten
         self.sizes: list[tuple[int, int] | None] = []
         self.downsample = downsample
         self.loaded: dict[int, Image.Image] = {}
+        self.timer = timer
 
     def add(self, pictures: Sequence[Picture], sizes: Sequence[tuple[int, int]] | None) -> range:
         """Append pictures (a stream grows as rows are claimed); return their indices."""
@@ -174,6 +194,12 @@ class _EncodeJob:
         batch = host.numpy()
         return [batch[row].copy() for row in rows]  # own memory, not a view of the pinned page
 
+    # Host stages, timed when a timer is set. "stack" includes waiting for pictures still being
+    # decoded; on a GPU "forward" is the launch (the computation is waited for in "unpack").
+    stack = _timed("stack", stack)
+    forward = _timed("forward", forward)
+    unpack = _timed("unpack", unpack)
+
 
 class _DecodeJob:
     operation = "decode"
@@ -228,35 +254,41 @@ def iter_encode(
     *,
     sizes: Sequence[tuple[int, int]] | None = None,
     max_batch: int | None = None,
+    lookahead: bool | None = None,
 ) -> Iterator[list[tuple[int, Outcome]]]:
     """Encode pictures batch by batch; yield ``[(index, Outcome), ...]`` as each batch is done.
 
     ``pictures`` are RGB PIL images or futures of them (a thread pool may still be decoding
     them: a batch waits only for its own). ``sizes`` (``(width, height)`` each) lets batches be
     planned before the pixels exist; a picture whose real size differs runs in a batch of its
-    own. An outcome's value is float32 latents ``(C, ceil(H/d), ceil(W/d))``.
+    own. An outcome's value is float32 latents ``(C, ceil(H/d), ceil(W/d))``. ``lookahead``:
+    see :func:`latentstore_workers.batching.stream` (default: the device decides).
     """
-    yield from iter_encode_stream(ae, [(pictures, sizes, max_batch)])
+    yield from iter_encode_stream(ae, [(pictures, sizes, max_batch)], lookahead=lookahead)
 
 
 def iter_encode_stream(
     ae: LoadedAutoencoder,
     chunks: Iterable[tuple[Sequence[Picture], Sequence[tuple[int, int]] | None, int | None]],
+    *,
+    lookahead: bool | None = None,
+    timer: Timer | None = None,
 ) -> Iterator[list[tuple[int, Outcome]]]:
     """:func:`iter_encode` over chunks ``(pictures, sizes, max_batch)`` that arrive over time.
 
-    Indices count across chunks in arrival order. A chunk is pulled only when the device is
-    busy with the batch before it, so ``chunks`` may be a generator that waits for the next
-    claimed rows: one stream keeps the device fed across them.
+    Indices count across chunks in arrival order. On a GPU a chunk is pulled only when the
+    device is busy with the batch before it, so ``chunks`` may be a generator that waits for the
+    next claimed rows: one stream keeps the device fed across them. ``timer`` is told the
+    seconds of each host stage (``"stack"``, ``"forward"``, ``"unpack"``).
     """
-    job = _EncodeJob(ae.downsample)
+    job = _EncodeJob(ae.downsample, timer)
 
     def batches() -> Iterator[batching.Batch]:
         for pictures, sizes, max_batch in chunks:
             limit = _max_batch(max_batch, "ENCODE_BATCH_SIZE")
             yield from batching.plan(ae, job, job.add(pictures, sizes), max_batch=limit)
 
-    for done in batching.stream(ae, job, batches()):
+    for done in batching.stream(ae, job, batches(), lookahead=lookahead):
         yield done
         job.forget(index for index, _outcome in done)
 
@@ -349,7 +381,7 @@ def iter_decode(
         yield [(where[i], outcome) for i, outcome in done]
 
 
-def decode_many(
+def decode_outcomes(
     ae: LoadedAutoencoder,
     items: Sequence[tuple[np.ndarray, int, int]],
     *,
@@ -373,7 +405,7 @@ def decode_latents(
     with non-finite values, and :class:`NonFiniteImage` if the decoder's output is not finite
     (in float32 too).
     """
-    (outcome,) = decode_many(ae, [(latents, width, height)])
+    (outcome,) = decode_outcomes(ae, [(latents, width, height)])
     if isinstance(outcome.error, NonFinite):
         raise NonFiniteImage(
             f"Autoencoder {ae.alias!r} decoded to NaN or infinity: {outcome.error}"

@@ -82,6 +82,8 @@ class VAEDecoder(BaseDecoder):
     loaded model's, because a VAE decodes faithfully only what its own encoder wrote.
     """
 
+    needs_torch = True
+
     def __init__(self, alias: str, autoencoder: str | None = None, **options: Any) -> None:
         super().__init__(alias, **options)
         self.autoencoder = autoencoder
@@ -155,12 +157,12 @@ class VAEDecoder(BaseDecoder):
         ae = load_autoencoder(self._alias_for(header.autoencoder))
         return decode_latents(ae, latents, header.width, header.height)
 
-    def decode_many(
+    def decode_batch(
         self, items: Sequence[tuple[LatentHeader, np.ndarray]]
     ) -> list[PILImage.Image | Exception]:
-        """Decode in batches per autoencoder (``latentstore_workers.codec.decode_many``)."""
+        """Decode in batches per autoencoder (``latentstore_workers.codec.decode_outcomes``)."""
         from latentstore_workers.autoencoders import load_autoencoder
-        from latentstore_workers.codec import decode_many
+        from latentstore_workers.codec import decode_outcomes
 
         results: list[PILImage.Image | Exception | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}
@@ -174,7 +176,7 @@ class VAEDecoder(BaseDecoder):
                     results[index] = exc
                 continue
             batch = [(items[i][1], items[i][0].width, items[i][0].height) for i in indices]
-            for index, outcome in zip(indices, decode_many(ae, batch), strict=True):
+            for index, outcome in zip(indices, decode_outcomes(ae, batch), strict=True):
                 results[index] = outcome.value if outcome.ok else outcome.error
         return results  # type: ignore[return-value]  # every index was filled
 
@@ -264,6 +266,8 @@ def _to_picture(alias: str, sample: torch.Tensor, header: LatentHeader) -> PILIm
 
 class _ModelDecoder(BaseDecoder):
     """A decoder with its own model, given by ``pretrained`` (hub id or local directory)."""
+
+    needs_torch = True
 
     def __init__(
         self,
@@ -494,6 +498,8 @@ class OpenAIConsistencyDecoder(BaseDecoder):
     torch's global RNG; each decode runs with that RNG seeded from the latents' content and
     restored afterwards, under a lock.
     """
+
+    needs_torch = True
 
     families = ("sd",)
 

@@ -27,10 +27,18 @@ inline instead: another connection could not see the transaction's rows.
 
 Rows that were tried before (``attempts > 1``) run one per forward pass, after the others: if
 one of them is what killed the last worker, it cannot take its batch-mates down with it again.
+
+**The first picture does not wait.** A claim takes what is pending now: an idle worker given
+one row encodes it at once. Only when the claim shows rows arriving (it filled some, but fewer
+than its first pass takes) does it wait ``FILL_WAIT_SECONDS``, once, and claim again. A message
+whose rows another claim took (and with nothing to fill) costs its claim's queries and nothing
+else: no model, no thread, no blob read. Each run times its host stages (claim, decode, stack,
+forward, unpack, pack, write) in :attr:`BatchReport.seconds`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -45,8 +53,10 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, conn
 from latentstore import conf, encoding
 from latentstore.encoding import Claim
 from latentstore.latents import blob_digest
+from latentstore_workers import cpu
 from latentstore_workers.batching import NonFinite, Outcome, OutOfMemory
 from latentstore_workers.codec import UnreadablePicture, iter_encode_stream
+from latentstore_workers.leases import Heartbeat
 
 __all__ = ["BatchReport", "EncodeRun", "encode_rows", "pixel_pool"]
 
@@ -61,7 +71,10 @@ def pixel_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
-            threads = max(1, int(conf.get_settings()["PIXEL_THREADS"]))
+            import torch
+
+            setting = conf.get_settings()["PIXEL_THREADS"]
+            threads = cpu.pixel_threads(setting, on_cpu=not torch.cuda.is_available())
             _pool = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="pixels"))
         return _pool[1]
 
@@ -76,6 +89,9 @@ class BatchReport:
     retried: int = 0
     filled: int = 0  # rows claimed to fill batches, not named by the message
     items: dict[str, str] = field(default_factory=dict)
+    # Seconds per host stage, summed over the run: claim, decode (Pillow, in the pixel threads),
+    # stack, forward, unpack, pack, write (write-back and lease renewals, in the background).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -180,22 +196,35 @@ class EncodeRun:
 
     def run(self, items: Sequence[tuple[Any, str]], *, fill: bool) -> BatchReport:
         fill = fill and bool(self.settings["FILL_BATCHES"])
-        claims = encoding.claim_batch(
-            self.label, self.field_name, items, fill=max(0, self.size - len(items)) if fill else 0
+        claims = self.timed(
+            "claim",
+            encoding.claim_batch,
+            self.label,
+            self.field_name,
+            items,
+            fill=max(0, self.size - len(items)) if fill else 0,
         )
         claimed = {str(c.pk) for c in claims}
         for pk, _token in items:
             if str(pk) not in claimed:
                 self.report.stale += 1
                 self.report.items.setdefault(str(pk), "stale")
+        if not claims:  # taken by another claim, finished or re-uploaded: nothing more to do
+            return self.report
+        if fill and not connection.in_atomic_block:
+            claims += self.top_up(claims)
         drain = fill and encoding.can_fill() and not connection.in_atomic_block
         deadline = time.monotonic() + float(self.settings.get("DRAIN_SECONDS") or 0)
         background = _Background(threaded=not connection.in_atomic_block)
         try:
-            units = _Lookahead(self.units(claims, drain, deadline, background))
-            while (unit := units.next()) is not None:
-                self.encode_stream(unit, units, background)
-            background.finish()
+            # The heartbeat keeps the leases of the rows in work fresh from its own thread, so a
+            # long pass is never taken over while a dead worker's rows come back within a
+            # short lease. Not inside a transaction: its writes would wait for the commit.
+            with _heartbeat(self.in_work, enabled=not connection.in_atomic_block):
+                units = _Lookahead(self.units(claims, drain, deadline, background))
+                while (unit := units.next()) is not None:
+                    self.encode_stream(unit, units, background)
+                background.finish()
         except BaseException as exc:
             try:
                 background.finish()
@@ -209,7 +238,58 @@ class EncodeRun:
             except Exception:
                 logger.exception("Could not release %d claimed rows", len(unfinished))
             raise
+        logger.debug(
+            "Encoded %s.%s: %s, seconds %s",
+            self.label,
+            self.field_name,
+            self.report.as_dict(),
+            self.report.seconds,
+        )
         return self.report
+
+    def in_work(self) -> list[Claim]:
+        """The claims taken and not finished yet (for the heartbeat's thread)."""
+        with self.lock:
+            done = set(self.report.items)
+        return [c for c in list(self.claimed) if str(c.pk) not in done]
+
+    def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, its seconds added to the report's ``stage`` (any thread)."""
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.add_time(stage, time.perf_counter() - start)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        with self.lock:
+            self.report.seconds[stage] = self.report.seconds.get(stage, 0.0) + seconds
+
+    def top_up(self, claims: list[Claim]) -> list[Claim]:
+        """Rows arriving: the claim filled some, yet the first pass takes more. Wait
+        ``FILL_WAIT_SECONDS`` once and claim what came meanwhile (nothing pending: no wait)."""
+        wait = float(self.settings["FILL_WAIT_SECONDS"] or 0)
+        if wait <= 0 or not any(c.filled for c in claims) or not encoding.can_fill():
+            return []
+        room = self.first_pass(claims[0]) - len(claims)
+        if room <= 0:
+            return []
+        time.sleep(wait)
+        return self.timed("claim", encoding.claim_batch, self.label, self.field_name, [], fill=room)
+
+    def first_pass(self, claim: Claim) -> int:
+        """How many pictures of ``claim``'s size and autoencoder the first pass would take."""
+        from latentstore_workers import batching
+        from latentstore_workers.autoencoders import load_autoencoder
+        from latentstore_workers.images import padding_for
+
+        try:
+            ae = load_autoencoder(claim.autoencoder)
+        except Exception:  # reported by the stream, which loads it again
+            return 0
+        right, bottom = padding_for(claim.width, claim.height, ae.downsample)
+        shape = (claim.height + bottom, claim.width + right)
+        return batching.batch_size(ae, "encode", shape, self.size)
 
     def units(
         self, claims: list[Claim], drain: bool, deadline: float, background: _Background
@@ -227,7 +307,9 @@ class EncodeRun:
 
     def claim_more(self) -> tuple[list[Claim], list[_Unit]]:
         """The next batch of the field's backlog, its pictures already decoding."""
-        claims = encoding.claim_batch(self.label, self.field_name, [], fill=self.size)
+        claims = self.timed(
+            "claim", encoding.claim_batch, self.label, self.field_name, [], fill=self.size
+        )
         return claims, self.prepare(claims)
 
     def prepare(self, claims: list[Claim]) -> list[_Unit]:
@@ -248,7 +330,10 @@ class EncodeRun:
             tried = [c for c in group if c.attempts > 1]
             for subset, max_batch in ((fresh, self.size), (tried, 1)):
                 if subset:
-                    pictures = [pool.submit(open_rgb, c.staged, background=matte) for c in subset]
+                    pictures = [
+                        pool.submit(self.timed, "decode", open_rgb, c.staged, background=matte)
+                        for c in subset
+                    ]
                     units.append(_Unit(alias, subset, pictures, max_batch))
         return units
 
@@ -285,7 +370,7 @@ class EncodeRun:
                 unit = units.next_if(lambda u: u.alias == first.alias)
 
         try:
-            for done in iter_encode_stream(ae, chunks()):
+            for done in iter_encode_stream(ae, chunks(), timer=self.add_time):
                 ready: list[_Done] = []
                 gated: list[tuple[_Done, Future]] = []
                 for index, outcome in done:  # the per-item result loop
@@ -300,7 +385,7 @@ class EncodeRun:
                     self.measure(ae, gated)
                 for index, _outcome in done:
                     pictures[index] = None  # finished: let its pixels go
-                background.submit(self.store, ready, list(waiting.values()))
+                background.submit(self.timed, "write", self.store, ready, list(waiting.values()))
                 background.check()
         finally:
             for future in pictures:  # a failed run must not leave decodes queued
@@ -313,8 +398,11 @@ class EncodeRun:
         """One item's outcome: a blob to write back, or a failure/retry recorded now."""
         error = outcome.error
         if error is None:
+            start = time.perf_counter()
             blob = ae.pack(outcome.value, claim.width, claim.height, claim.latent_dtype)
-            return _Done(claim, blob, blob_digest(blob))
+            digest = blob_digest(blob)
+            self.add_time("pack", time.perf_counter() - start)
+            return _Done(claim, blob, digest)
         if isinstance(error, UnreadablePicture):
             self.fail(claim, f"The image could not be read: {error}")
         elif isinstance(error, NonFinite):
@@ -424,6 +512,11 @@ class EncodeRun:
                 self.record(done.claim, "ready" if ok else "stale")
         if waiting:
             encoding.renew(waiting)
+
+
+def _heartbeat(source: Callable[[], list[Claim]], *, enabled: bool) -> Any:
+    """A running :class:`~latentstore_workers.leases.Heartbeat` over ``source``, or a no-op."""
+    return Heartbeat(source) if enabled else contextlib.nullcontext()
 
 
 def encode_rows(

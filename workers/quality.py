@@ -24,7 +24,7 @@ from latentstore.latents import unpack
 from latentstore.quality import psnr
 from latentstore_workers.autoencoders import LoadedAutoencoder, _latent_factors
 from latentstore_workers.batching import NonFinite
-from latentstore_workers.codec import decode_latents, decode_many, encode_images
+from latentstore_workers.codec import decode_latents, decode_outcomes, encode_images
 
 __all__ = [
     "RoundTrip",
@@ -51,7 +51,7 @@ def round_trip_psnrs(
         header, latents = unpack(blob)
         items.append((latents, header.width, header.height))
     results: list[float | Exception] = []
-    for picture, outcome in zip(pictures, decode_many(ae, items), strict=True):
+    for picture, outcome in zip(pictures, decode_outcomes(ae, items), strict=True):
         if isinstance(outcome.error, NonFinite):
             logger.warning("Round-trip decode of a fresh encode was not finite: %s", outcome.error)
             results.append(0.0)

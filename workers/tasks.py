@@ -10,12 +10,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import shared_task
+from celery import shared_task, signals
 from django.db import DatabaseError, InterfaceError
 
-from latentstore import conf, encoding
+from latentstore import conf, queries
+from latentstore_workers.weights import check_at_start
 
 logger = logging.getLogger("latentstore_workers.tasks")
+
+#: What an encode message answers when its row needs nothing from this worker.
+NOTHING_TO_DO = "nothing to do: re-uploaded, already done, or taken by another batch"
+
+# A worker whose autoencoder weights can be neither found nor downloaded refuses to start.
+signals.worker_init.connect(check_at_start, weak=False)
 
 
 def _retry_delay(task) -> int:
@@ -45,11 +52,13 @@ def _encode(task, label: str, field_name: str, items: list[tuple[Any, str]]):
 def encode(self, label: str, pk: Any, field_name: str, token: str) -> str:
     """Encode one staged upload (token-checked), topping the batch up with pending rows on PG.
 
-    Returns the named row's fate: ``ready``, ``stale`` (re-uploaded, finished, or held by
-    another worker), ``failed`` or ``retry``.
+    Returns the named row's fate: ``ready``, ``failed``, ``retry``, or :data:`NOTHING_TO_DO`
+    when the row was re-uploaded, finished, or taken by another worker's batch meanwhile (the
+    worker logs this return value: it must not read as a problem).
     """
     report = _encode(self, label, field_name, [(pk, token)])
-    return report.items.get(str(pk), "stale")
+    fate = report.items.get(str(pk), "stale")
+    return NOTHING_TO_DO if fate == "stale" else fate
 
 
 @shared_task(
@@ -74,12 +83,20 @@ def encode_batch(self, label: str, field_name: str, items: list[list[Any]]) -> d
 def decode(
     self, label: str, pk: Any, field_name: str, alias: str, size: list[int], format: str, key: str
 ) -> str:
-    """Decode one row with decoder ``alias`` and put the picture in the shared cache at ``key``."""
+    """Decode one row with decoder ``alias`` and put the picture in the shared cache at ``key``.
+
+    Answers ``"cached"`` without decoding when the picture is in the cache already (a warm-up
+    sent again after a backlog), and ``"in flight"`` when another worker is decoding it now.
+    """
     from latentstore.decoding import get_cache, render
 
-    model, field = encoding.get_field(label, field_name)
     cache = get_cache()
+    if cache.get(key) is not None:
+        return "cached"
+    if not _claim_decode(cache, key):
+        return "in flight"
     try:
+        model, field = queries.get_field(label, field_name)
         instance = model._base_manager.get(pk=pk)
         image = getattr(instance, field.name)
         data = render(image, alias, (int(size[0]), int(size[1])), format)
@@ -87,8 +104,22 @@ def decode(
         logger.exception("Decode of %s pk=%s with %r failed", label, pk, alias)
         cache.set(key + ":error", f"{type(exc).__name__}: {exc}", 60)
         return "failed"
+    finally:
+        cache.delete(key + _DECODING)
     cache.set(key, data, conf.get_settings()["CACHE_TIMEOUT"])
     return "ok"
+
+
+# A worker decoding a picture holds this beside its key, so a second message for the same
+# picture (a warm-up sent twice, two workers) does not decode it again. Not the ":lock" a web
+# process holds while it waits for a worker: that one would make the worker skip its own job.
+_DECODING = ":decoding"
+
+
+def _claim_decode(cache: Any, key: str) -> bool:
+    """Take the decode of ``key`` for this worker; False when another holds it."""
+    timeout = max(1, int(conf.get_settings()["DECODE_LOCK_TIMEOUT"]))
+    return bool(cache.add(key + _DECODING, 1, timeout))
 
 
 @shared_task(name="latentstore.decode_batch", bind=True, acks_late=True, ignore_result=True)
@@ -100,10 +131,30 @@ def decode_batch(
     The rows are read in one query; each picture (or its error, under ``key + ":error"``) is
     put in the shared cache, where the web process waiting for it finds it.
     """
-    from latentstore.decoding import get_cache, render_many
+    from latentstore.decoding import get_cache
 
-    model, field = encoding.get_field(label, field_name)
+    model, field = queries.get_field(label, field_name)
     cache = get_cache()
+    cached = cache.get_many([key for _pk, _size, key in items])
+    # Only what is neither cached nor being decoded by another worker is decoded here.
+    todo = [item for item in items if item[2] not in cached and _claim_decode(cache, item[2])]
+    try:
+        pictures, errors = _decode_rows(model, field, label, alias, format, todo)
+    finally:
+        cache.delete_many([key + _DECODING for _pk, _size, key in todo])
+    if pictures:
+        cache.set_many(pictures, conf.get_settings()["CACHE_TIMEOUT"])
+    if errors:
+        cache.set_many(errors, 60)
+    return {"ok": len(pictures), "failed": len(errors), "skipped": len(items) - len(todo)}
+
+
+def _decode_rows(
+    model: Any, field: Any, label: str, alias: str, format: str, items: list[list[Any]]
+) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Decode ``[[pk, size, key], ...]`` in batches: pictures and error notes, by cache key."""
+    from latentstore.decoding import render_many
+
     rows = model._base_manager.in_bulk([pk for pk, _size, _key in items])
     found, targets, keys, errors = [], [], [], {}
     for pk, size, key in items:
@@ -125,8 +176,4 @@ def decode_batch(
             errors[key + ":error"] = f"{type(result).__name__}: {result}"
         else:
             pictures[key] = result
-    if pictures:
-        cache.set_many(pictures, conf.get_settings()["CACHE_TIMEOUT"])
-    if errors:
-        cache.set_many(errors, 60)
-    return {"ok": len(pictures), "failed": len(errors)}
+    return pictures, errors

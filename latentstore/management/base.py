@@ -20,7 +20,8 @@ from django.core.exceptions import FieldDoesNotExist
 from django.core.management.base import BaseCommand, CommandError
 from django.db import models
 
-from latentstore.fields import LatentImageField, latent_fields_of
+from latentstore.fields import LatentImageField
+from latentstore.queries import latent_fields_of
 
 
 class Progress:
@@ -144,7 +145,7 @@ class LatentCommand(BaseCommand):
         self, rows: models.QuerySet, pairs: list[tuple[Any, Any]], options: dict[str, Any]
     ) -> models.QuerySet:
         """``rows`` limited to ``--ids`` and to primary keys past ``--after``."""
-        ids = [v.strip() for item in options["ids"] for v in str(item).split(",") if v.strip()]
+        ids = self.id_values(options)
         if not ids and not options["after"]:
             return rows
         if len({model for model, _field in pairs}) > 1:
@@ -158,6 +159,10 @@ class LatentCommand(BaseCommand):
         except Exception as exc:  # ValidationError of the primary key's type
             raise CommandError(f"--ids/--after: {exc}") from None
         return rows
+
+    def id_values(self, options: dict[str, Any]) -> list[str]:
+        """``--ids`` as a list of primary keys, an ``a,b,c`` value split."""
+        return [v.strip() for item in options["ids"] for v in str(item).split(",") if v.strip()]
 
     def selected_fields(self, options: dict[str, Any]) -> list[tuple[type[models.Model], Any]]:
         """The (model, LatentImageField) pairs named by ``--model`` / ``--field``."""
@@ -206,6 +211,36 @@ class LatentCommand(BaseCommand):
     def fail(self, summary: str) -> None:
         """End the command with ``summary`` and a non-zero exit status."""
         raise CommandError(summary, returncode=1)
+
+    def add_target_argument(self, parser: Any) -> None:
+        """The optional ``app_label.Model.field`` that :meth:`one_field` reads."""
+        parser.add_argument(
+            "target", nargs="?", metavar="APP_LABEL.MODEL.FIELD", help="The LatentImageField."
+        )
+
+    def one_field(self, target: str | None, options: dict[str, Any]) -> tuple[Any, Any]:
+        """The one (model, LatentImageField) named by ``app_label.Model.field`` or ``--model``
+        (and ``--field`` where the model has several): for commands that work on one field."""
+        if target:
+            if options["model"] or options["field"]:
+                raise CommandError("Name the field either as app_label.Model.field or by --model.")
+            parts = target.split(".")
+            if len(parts) != 3:
+                raise CommandError(f"{target!r}: name the field as app_label.Model.field.")
+            options = {**options, "model": [".".join(parts[:2])], "field": [parts[2]]}
+        elif not options["model"]:
+            raise CommandError("Name the field: app_label.Model.field (or --model and --field).")
+        pairs = self.selected_fields(options)
+        if len(pairs) != 1:
+            names = ", ".join(f"{m._meta.label}.{f.name}" for m, f in pairs)
+            raise CommandError(f"Name one field (--field); this selects {names}.")
+        return pairs[0]
+
+    def field_rows(
+        self, model: type[models.Model], field: Any, options: dict[str, Any]
+    ) -> models.QuerySet:
+        """The rows of :meth:`one_field`'s model that ``--ids`` and ``--after`` select."""
+        return self.restrict(model._base_manager.all(), [(model, field)], options)
 
 
 def _labels() -> Iterator[str]:

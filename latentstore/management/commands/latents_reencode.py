@@ -105,65 +105,90 @@ class Command(LatentCommand):
         dry_run = options["dry_run"]
         report = maintenance.Report()
         measured: list[tuple[Any, Any, Any, bytes]] = []  # (model, field, pk, decoded before)
-        fingerprints: dict[str, str] = {}
-        last: tuple[str, Any] | None = None
-
-        plans = []
-        for model, field in pairs:
-            rows = maintenance.small_rows(model).exclude(
-                **{field.companion_attname("state"): EMPTY}
-            )
-            rows = self.restrict(rows, pairs, options)
-            if options["failed"]:
-                rows = rows.filter(**{field.companion_attname("state"): FAILED})
-            if options["origin_mismatch"]:
-                rows = rows.filter(**{field.companion_attname("state"): READY})
-            if target is not None and not selectors:
-                rows = rows.exclude(**{field.companion_attname("autoencoder"): target})
-            plans.append((model, field, rows))
-
         verb = "would queue" if dry_run else "queued"
+        plans = self._plans(pairs, options, target, bool(selectors))
         try:
-            for model, field, rows in plans:
-                label = f"{model._meta.label}.{field.name}"
-                total = rows.count()
-                batch = maintenance.EncodeBatch(model._meta.label, field.name)
-                with self.progress(total, label) as progress, batch:
-                    for instances in chunks(rows, options["batch_size"]):
-                        keep = {instance.pk for instance in instances}
-                        if options["origin_mismatch"]:
-                            keep = self._mismatched(model, field, list(keep), target, fingerprints)
-                        for instance in instances:
-                            if instance.pk in keep:
-                                outcome = maintenance.reencode_row(
-                                    instance,
-                                    field,
-                                    autoencoder=target,
-                                    from_decoded=options["from_decoded"],
-                                    decoder=options["decoder"],
-                                    dry_run=dry_run,
-                                    batch=batch,
-                                )
-                                report.add(outcome)
-                                self._row_line(label, outcome, options["verbosity"])
-                                if outcome.decoded is not None:
-                                    # A decode takes seconds: do not keep the workers waiting.
-                                    batch.flush()
-                                    if len(measured) < options["measure"]:
-                                        measured.append(
-                                            (model, field, instance.pk, outcome.decoded)
-                                        )
-                            progress.update()
-                            last = (label, instance.pk)
+            self._reencode(plans, options, report, measured)
         except KeyboardInterrupt:
             where = ""
-            if last:
-                where = f" (last row {last[0]} pk={last[1]}; resume with --after {last[1]})"
+            if self._last:
+                label, pk = self._last
+                where = f" (last row {label} pk={pk}; resume with --after {pk})"
             self.stdout.write(self._summary(report, verb))
             self.fail(f"Interrupted{where}.")
 
         self.stdout.write(self._summary(report, verb))
+        problems = self._problems(report, measured, options)
+        if problems:
+            self.fail("latents_reencode: " + ". ".join(problems) + ".")
+
+    def _plans(
+        self, pairs: list[Any], options: dict[str, Any], target: str | None, selected: bool
+    ) -> list[tuple[Any, Any, Any]]:
+        """``(model, field, rows)`` to re-encode, as the options select them."""
+        plans = []
+        for model, field in pairs:
+            state = field.companion_attname("state")
+            rows = maintenance.small_rows(model).exclude(**{state: EMPTY})
+            rows = self.restrict(rows, pairs, options)
+            if options["failed"]:
+                rows = rows.filter(**{state: FAILED})
+            if options["origin_mismatch"]:
+                rows = rows.filter(**{state: READY})
+            if target is not None and not selected:
+                rows = rows.exclude(**{field.companion_attname("autoencoder"): target})
+            plans.append((model, field, rows))
+        return plans
+
+    def _reencode(
+        self,
+        plans: list[tuple[Any, Any, Any]],
+        options: dict[str, Any],
+        report: maintenance.Report,
+        measured: list[tuple[Any, Any, Any, bytes]],
+    ) -> None:
+        """Stage every planned row again, in pages, noting the last one done in ``_last``."""
+        target = options["autoencoder"]
+        fingerprints: dict[str, str] = {}
+        self._last: tuple[str, Any] | None = None
+        for model, field, rows in plans:
+            label = f"{model._meta.label}.{field.name}"
+            batch = maintenance.EncodeBatch(model._meta.label, field.name)
+            with self.progress(rows.count(), label) as progress, batch:
+                for instances in chunks(rows, options["batch_size"]):
+                    keep = {instance.pk for instance in instances}
+                    if options["origin_mismatch"]:
+                        keep = self._mismatched(model, field, list(keep), target, fingerprints)
+                    for instance in instances:
+                        if instance.pk in keep:
+                            outcome = maintenance.reencode_row(
+                                instance,
+                                field,
+                                autoencoder=target,
+                                from_decoded=options["from_decoded"],
+                                decoder=options["decoder"],
+                                dry_run=options["dry_run"],
+                                batch=batch,
+                            )
+                            report.add(outcome)
+                            self._row_line(label, outcome, options["verbosity"])
+                            if outcome.decoded is not None:
+                                # A decode takes seconds: do not keep the workers waiting.
+                                batch.flush()
+                                if len(measured) < options["measure"]:
+                                    measured.append((model, field, instance.pk, outcome.decoded))
+                        progress.update()
+                        self._last = (label, instance.pk)
+
+    def _problems(
+        self,
+        report: maintenance.Report,
+        measured: list[tuple[Any, Any, Any, bytes]],
+        options: dict[str, Any],
+    ) -> list[str]:
+        """What the summary must end with when not everything could be done."""
         problems = []
+        dry_run = options["dry_run"]
         if options["from_decoded"] and measured and not dry_run and not options["no_wait"]:
             problems += self._measure(measured, options)
         elif options["from_decoded"] and dry_run and report.sources.get("decoded"):
@@ -176,8 +201,7 @@ class Command(LatentCommand):
         if report.errors:
             shown = "; ".join(f"pk={pk}: {msg}" for pk, msg in list(report.errors.items())[:5])
             problems.append(f"{len(report.errors)} rows could not be staged: {shown}")
-        if problems:
-            self.fail("latents_reencode: " + ". ".join(problems) + ".")
+        return problems
 
     def _mismatched(
         self, model: Any, field: Any, chunk: list[Any], target: str | None, fps: dict[str, str]

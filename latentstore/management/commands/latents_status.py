@@ -40,48 +40,17 @@ class Command(LatentCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        now = timezone.now()
         pairs = self.selected_fields(options)
         counts: list[dict[str, Any]] = []
         oldest: list[dict[str, Any]] = []
         quality: list[dict[str, Any]] = []
-        quiet = options["json"]
-        total = 0 if quiet else len(pairs)
+        total = 0 if options["json"] else len(pairs)
         with self.progress(total, "counting", unit="fields", lines=False) as progress:
             for model, field in pairs:
-                state, autoencoder = (
-                    field.companion_attname("state"),
-                    field.companion_attname("autoencoder"),
-                )
-                rows = model._base_manager.values(state, autoencoder).annotate(n=Count("pk"))
-                for row in rows.order_by(state, autoencoder):
-                    counts.append(
-                        {
-                            "model": model._meta.label,
-                            "field": field.name,
-                            "state": row[state],
-                            "autoencoder": row[autoencoder] or "-",
-                            "rows": row["n"],
-                        }
-                    )
-                waiting = model._base_manager.filter(**{f"{state}__in": [PENDING, ENCODING]})
-                first = waiting.aggregate(t=Min(field.companion_attname("changed")))["t"]
-                if first is not None:
-                    row = (
-                        waiting.filter(**{field.companion_attname("changed"): first})
-                        .values("pk", state, field.companion_attname("attempts"))
-                        .first()
-                    )
-                    oldest.append(
-                        {
-                            "model": model._meta.label,
-                            "field": field.name,
-                            "pk": row["pk"] if isinstance(row["pk"], int) else str(row["pk"]),
-                            "state": row[state],
-                            "attempts": row[field.companion_attname("attempts")],
-                            "age_seconds": round((now - first).total_seconds(), 1),
-                        }
-                    )
+                counts += self._counts(model, field)
+                waiting = self._oldest_waiting(model, field, timezone.now())
+                if waiting is not None:
+                    oldest.append(waiting)
                 quality.append(self._quality(model, field))
                 progress.update()
 
@@ -92,43 +61,89 @@ class Command(LatentCommand):
             queues = queue_depths(names)
 
         if options["json"]:
-            self.stdout.write(
-                json.dumps(
-                    {
-                        "rows": counts,
-                        "oldest_pending": oldest,
-                        "quality": quality,
-                        "queues": [
-                            {"queue": q.queue, "messages": q.messages, "error": q.error}
-                            for q in queues
-                        ],
-                    },
-                    indent=2,
-                )
-            )
+            self._print_json(counts, oldest, quality, queues)
         else:
-            self._print_table(counts)
-            for item in oldest:
-                self.stdout.write(
-                    f"oldest pending: {item['model']}.{item['field']} pk={item['pk']} "
-                    f"({item['state']}, {item['attempts']} attempts) waiting "
-                    f"{_age(item['age_seconds'])}"
-                )
-            if not oldest:
-                self.stdout.write("oldest pending: none")
-            for item in quality:
-                self.stdout.write(self._quality_line(item))
-            for q in queues:
-                if q.messages is None:
-                    self.stdout.write(f"queue {q.queue}: unknown ({q.error})")
-                else:
-                    self.stdout.write(f"queue {q.queue}: {q.messages} messages waiting")
+            self._print_text(counts, oldest, quality, queues)
         unreachable = [q for q in queues if q.messages is None]
         if unreachable:
             self.fail(
                 "Queue depth unknown for "
                 + ", ".join(f"{q.queue} ({q.error})" for q in unreachable)
             )
+
+    @staticmethod
+    def _counts(model: Any, field: Any) -> list[dict[str, Any]]:
+        """Rows per state and autoencoder of one field."""
+        state, autoencoder = (
+            field.companion_attname("state"),
+            field.companion_attname("autoencoder"),
+        )
+        rows = model._base_manager.values(state, autoencoder).annotate(n=Count("pk"))
+        return [
+            {
+                "model": model._meta.label,
+                "field": field.name,
+                "state": row[state],
+                "autoencoder": row[autoencoder] or "-",
+                "rows": row["n"],
+            }
+            for row in rows.order_by(state, autoencoder)
+        ]
+
+    @staticmethod
+    def _oldest_waiting(model: Any, field: Any, now: Any) -> dict[str, Any] | None:
+        """The row of one field that has waited longest for its encode, if any waits."""
+        state, changed = field.companion_attname("state"), field.companion_attname("changed")
+        attempts = field.companion_attname("attempts")
+        waiting = model._base_manager.filter(**{f"{state}__in": [PENDING, ENCODING]})
+        first = waiting.aggregate(t=Min(changed))["t"]
+        if first is None:
+            return None
+        row = waiting.filter(**{changed: first}).values("pk", state, attempts).first()
+        return {
+            "model": model._meta.label,
+            "field": field.name,
+            "pk": row["pk"] if isinstance(row["pk"], int) else str(row["pk"]),
+            "state": row[state],
+            "attempts": row[attempts],
+            "age_seconds": round((now - first).total_seconds(), 1),
+        }
+
+    def _print_json(
+        self, counts: list[Any], oldest: list[Any], quality: list[Any], queues: list[Any]
+    ) -> None:
+        queue_rows = [{"queue": q.queue, "messages": q.messages, "error": q.error} for q in queues]
+        self.stdout.write(
+            json.dumps(
+                {
+                    "rows": counts,
+                    "oldest_pending": oldest,
+                    "quality": quality,
+                    "queues": queue_rows,
+                },
+                indent=2,
+            )
+        )
+
+    def _print_text(
+        self, counts: list[Any], oldest: list[Any], quality: list[Any], queues: list[Any]
+    ) -> None:
+        self._print_table(counts)
+        for item in oldest:
+            self.stdout.write(
+                f"oldest pending: {item['model']}.{item['field']} pk={item['pk']} "
+                f"({item['state']}, {item['attempts']} attempts) waiting "
+                f"{_age(item['age_seconds'])}"
+            )
+        if not oldest:
+            self.stdout.write("oldest pending: none")
+        for item in quality:
+            self.stdout.write(self._quality_line(item))
+        for q in queues:
+            if q.messages is None:
+                self.stdout.write(f"queue {q.queue}: unknown ({q.error})")
+            else:
+                self.stdout.write(f"queue {q.queue}: {q.messages} messages waiting")
 
     @staticmethod
     def _quality(model: Any, field: Any) -> dict[str, Any]:

@@ -14,7 +14,13 @@ from django.core.management.base import CommandError
 
 from latentstore import conf
 from latentstore.decoders import InvalidDecoderError, decoders
-from latentstore.decoding import decode_many, get_cache, key_for, normalise_format, schedule_warmup
+from latentstore.decoding import (
+    decode_images,
+    get_cache,
+    key_for,
+    normalise_format,
+    schedule_warmup,
+)
 from latentstore.fields import READY
 from latentstore.maintenance import small_rows
 from latentstore.management.base import LatentCommand, chunks
@@ -32,10 +38,12 @@ class Command(LatentCommand):
         parser.add_argument(
             "--size",
             type=int,
-            action="append",
+            nargs="+",
+            action="extend",
             default=[],
             metavar="PX",
-            help="A size box in pixels (repeatable; default: the original size).",
+            help="Size boxes in pixels: --size 256 128, or --size 256 --size 128 "
+            "(default: the original size).",
         )
         parser.add_argument(
             "--format", default="webp", help="webp (default, as URLs use), png or jpeg."
@@ -109,7 +117,7 @@ class Command(LatentCommand):
     ) -> list[tuple[str, str | None]]:
         """Per image, the outcome of warming it at ``size`` and its error message (or None).
 
-        The pictures not cached yet are decoded together: one :func:`decode_many` call, so the
+        The pictures not cached yet are decoded together: one :func:`decode_images` call, so the
         backend decodes them in batches (or ``decode_batch`` tasks do, for worker decoders).
         Rows sharing a blob share a picture: the first is decoded, the others count as cached
         (or failed, with its error), as if they had been warmed one after the other.
@@ -139,7 +147,7 @@ class Command(LatentCommand):
                 results[index] = ("failed", _message(exc))
         if todo:
             try:
-                decoded = decode_many(
+                decoded = decode_images(
                     [images[i] for i in todo], alias, size, fmt, return_exceptions=True
                 )
             except Exception as exc:  # the cache or the broker could not be reached at all
