@@ -24,21 +24,35 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from rest_framework import serializers
 
 from latentstore.blobs import prefetch_blobs
 from latentstore.columns import EMPTY, ENCODING, FAILED, PENDING, READY
-from latentstore.decoding import normalise_format
+from latentstore.decoding import decoder_fingerprint, normalise_format
 from latentstore.fields import LatentImage
 from latentstore.html import picture_candidates, picture_formats, srcset
-from latentstore.signing import EXTENSIONS, sign, sign_set, url_prefix
+from latentstore.signing import EXTENSIONS, expiry, sign, sign_set, url_prefix
 from latentstore.staging import StagedUpload, stage
 
-__all__ = ["BLOBS_CONTEXT_KEY", "LatentImageField"]
+__all__ = ["BLOBS_CONTEXT_KEY", "LatentImageField", "forget_links"]
 
 #: ``serializer_context[BLOBS_CONTEXT_KEY] = True`` (from the view) adds the latent blob itself,
 #: base64, to fields with ``include_latents=True``. Nothing else ever sends it.
 BLOBS_CONTEXT_KEY = "latentstore_blobs"
+
+# Serialized links of ready rows, by field, URL prefix, row, digest and expiry period: a listing
+# served again costs a dict lookup per row instead of two signatures. Emptied when settings
+# change (SECRET_KEY, URL_SALT, URL_EXPIRES, the decoders...).
+_LINKS_MEMO_ENTRIES = 50_000
+_links_memo: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+@receiver(setting_changed)
+def forget_links(**kwargs: Any) -> None:
+    """Empty this process's memo of serialized links (done on every ``setting_changed``)."""
+    _links_memo.clear()
 
 
 class LatentImageField(serializers.Field):
@@ -86,12 +100,27 @@ class LatentImageField(serializers.Field):
         self._formats: list[str] | None = None
         self._url_format = ""
         self._signed: list[str] = []
+        self._options_key: str | None = None
 
     # --- read -----------------------------------------------------------------------------
 
     def to_representation(self, value: LatentImage) -> dict[str, Any]:
         image = value
         state = image.state
+        key = None
+        if state == READY and not self.include_latents:
+            # A ready row's links depend only on its digest, this field's options, the URL
+            # prefix and the expiry period: an API that lists the same rows again signs nothing.
+            instance = image.instance
+            # The decoder's fingerprint too: new weights on disk make new links.
+            fingerprint = decoder_fingerprint(
+                self.decoder or image.field.decoder, image.autoencoder
+            )
+            key = (self._options(), self._url_prefix(), instance._meta.label, instance.pk,
+                   image.field.name, image.digest, fingerprint, expiry())  # fmt: skip
+            links = _links_memo.get(key)
+            if links is not None:
+                return dict(links)
         data: dict[str, Any] = {
             "state": state,
             "width": image.width,
@@ -105,6 +134,10 @@ class LatentImageField(serializers.Field):
             self._links(image, data)
         if self.include_latents:
             data["latents"] = self._latents(image) if state == READY else None
+        if key is not None:
+            if len(_links_memo) >= _LINKS_MEMO_ENTRIES:
+                _links_memo.clear()  # bounded; cheaper than an LRU for a memo of signatures
+            _links_memo[key] = dict(data)
         return data
 
     def _links(self, image: LatentImage, data: dict[str, Any]) -> None:
@@ -124,6 +157,15 @@ class LatentImageField(serializers.Field):
         if self.preview_size is not None:
             token, ext = sign(image, self.preview_decoder, self.preview_size, "webp")
             data["preview_url"] = f"{prefix}{token}.{ext}"
+
+    def _options(self) -> str:
+        """This field's link options as one hashable value (fields are copied per serializer)."""
+        if self._options_key is None:
+            self._options_key = repr(
+                (type(self).__qualname__, self.widths, self.formats, self.upscale,
+                 self.url_format, self.decoder, self.preview_decoder, self.preview_size)
+            )  # fmt: skip
+        return self._options_key
 
     def _url_prefix(self) -> str:
         # Absolute URLs when the view passed its request (as DRF's FileField does). The scheme,

@@ -118,6 +118,12 @@ def size_box(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] 
     return box  # type: ignore[return-value]
 
 
+def expiry(now: float | None = None) -> int | None:
+    """The expiry a URL signed at ``now`` carries (None without ``URL_EXPIRES``): rounded up to
+    an eighth of the period, so URLs signed within that eighth are the same string."""
+    return _expiry(time.time() if now is None else now)
+
+
 def _expiry(now: float) -> int | None:
     expires = conf.get_settings()["URL_EXPIRES"]
     if expires is None:

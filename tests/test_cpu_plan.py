@@ -252,3 +252,19 @@ def test_a_run_times_its_host_stages(settings):
     stages = {"claim", "decode", "stack", "forward", "unpack", "pack", "write"}
     assert stages <= set(report.seconds), report.seconds
     assert all(report.seconds[s] > 0 for s in stages)
+
+
+def test_the_cpu_settings_are_checked(settings):
+    from django.core import checks
+
+    def ids(**top) -> set[str]:
+        use(settings, **top)
+        return {m.id for m in checks.run_checks(tags=["latentstore"])}
+
+    for good in ("auto", None, 3):
+        assert "latentstore.E058" not in ids(CPU_BATCH_SIZE=good, CPU_THREADS=None)
+    assert "latentstore.E058" in ids(CPU_BATCH_SIZE="fast")
+    assert "latentstore.E058" in ids(CPU_BATCH_SIZE=0)
+    assert "latentstore.E058" in ids(CPU_BATCH_SIZE="auto", CPU_THREADS=0)
+    assert "latentstore.E057" in ids(CPU_THREADS=2, FILL_WAIT_SECONDS=-1)
+    assert "latentstore.E057" not in ids(FILL_WAIT_SECONDS=0)

@@ -202,3 +202,36 @@ def test_the_openapi_schema_describes_the_field():
     assert request.get("nullable") is True  # null clears
     create = schema["paths"]["/api/photos/"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in create
+
+
+def test_a_listing_served_again_signs_nothing_until_the_row_or_the_settings_change(
+    api, monkeypatch, settings, tiny_vae_dir
+):
+    from latentstore import rest_framework
+
+    photo = Photo.objects.create(title="m", image=upload().read())
+    encode_now(photo)
+    signed = []
+    real = rest_framework.sign_set
+
+    def counted(*args, **kwargs):
+        signed.append(args[0].digest)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rest_framework, "sign_set", counted)
+    rest_framework.forget_links()
+    first = api.get("/api/photos/").json()[0]["image"]
+    again = api.get("/api/photos/").json()[0]["image"]
+    assert again == first and len(signed) == 1, "the second listing came from the memo"
+
+    photo.image = upload(seed=9).read()  # re-uploaded: new latents, new digest, new links
+    photo.save()
+    encode_now(photo)
+    fresh = api.get("/api/photos/").json()[0]["image"]
+    assert fresh["url"] != first["url"] and len(signed) == 2
+
+    settings.LATENTSTORE = latentstore_config(tiny_vae_dir, URL_SALT="revoked")
+    revoked = api.get("/api/photos/").json()[0]["image"]
+    assert revoked["url"] != fresh["url"] and len(signed) == 3, "a setting change empties it"
+    assert api.get(fresh["url"].removeprefix(HOST)).status_code == 403
+    assert api.get(revoked["url"].removeprefix(HOST)).status_code == 200
