@@ -48,6 +48,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from django.db import DatabaseError, InterfaceError, close_old_connections, connection, connections
 
 from latentstore import conf, encoding
@@ -215,7 +216,11 @@ class EncodeRun:
             claims += self.top_up(claims)
         drain = fill and encoding.can_fill() and not connection.in_atomic_block
         deadline = time.monotonic() + float(self.settings.get("DRAIN_SECONDS") or 0)
-        background = _Background(threaded=not connection.in_atomic_block)
+        # On a CPU the model already takes every core: a write-back thread would only compete
+        # with it, and open a database connection of its own for every task.
+        background = _Background(
+            threaded=not connection.in_atomic_block and torch.cuda.is_available()
+        )
         try:
             # The heartbeat keeps the leases of the rows in work fresh from its own thread, so a
             # long pass is never taken over while a dead worker's rows come back within a
