@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -25,13 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _postgres() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
-            return True
-    except OSError:
-        return False
+from bench.common import reachable  # noqa: E402  (after the path insert)
 
 
 def main() -> None:
@@ -50,7 +43,7 @@ def main() -> None:
     os.environ["DJANGO_DEBUG"] = "0"
     os.environ["DJANGO_ALLOWED_HOSTS"] = "testserver"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-    use_pg = _postgres() and not args.sqlite
+    use_pg = reachable(5432) and not args.sqlite
     if use_pg:
         os.environ["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:5432/postgres"
     else:

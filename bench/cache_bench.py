@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import sd_blob  # noqa: E402  (after the path insert)
+
 
 def setup_django(redis_url: str, var: str) -> str:
     import django
@@ -116,7 +118,7 @@ def main() -> None:
     from latentstore.cache import get_cache
     from latentstore.cache import picture_key as cache_key
     from latentstore.decoding import decode_bytes, key_for
-    from latentstore.latents import blob_digest, pack
+    from latentstore.latents import blob_digest
     from latentstore.preview import latents_to_rgb
     from project.models import Photo
 
@@ -126,16 +128,7 @@ def main() -> None:
     tiered = get_cache()
 
     z = np.random.default_rng(0).normal(size=(4, 64, 64)).astype("float32")
-    blob = pack(
-        z,
-        autoencoder="default",
-        family="sd",
-        fingerprint="0" * 16,
-        scaling_factor=0.18215,
-        shift_factor=0.0,
-        width=512,
-        height=512,
-    )
+    blob = sd_blob(z, 512, 512)
     photo = Photo(
         pk=1,
         title="bench",

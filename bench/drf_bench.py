@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -25,13 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _postgres() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
-            return True
-    except OSError:
-        return False
+from bench.common import reachable, sd_blob  # noqa: E402  (after the path insert)
 
 
 def main() -> None:
@@ -51,7 +44,7 @@ def main() -> None:
     os.environ["DJANGO_DEBUG"] = "0"  # as in production: no SQL logging
     os.environ["DJANGO_ALLOWED_HOSTS"] = "testserver"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-    use_pg = _postgres() and not args.sqlite
+    use_pg = reachable(5432) and not args.sqlite
     if use_pg:
         os.environ["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:5432/postgres"
     else:
@@ -76,22 +69,12 @@ def make_ready_rows(count: int, width: int, height: int) -> None:
     packed with the codec (int4, from no model; the bench never reads them), shared by all."""
     import numpy as np
 
-    from latentstore.latents import blob_digest, pack
+    from latentstore.latents import blob_digest
     from project.models import Photo
 
     grid = (4, -(-height // 8), -(-width // 8))
     z = np.random.default_rng(0).normal(scale=5.0, size=grid).astype("float32")
-    blob = pack(
-        z,
-        autoencoder="default",
-        family="sd",
-        fingerprint="0" * 16,
-        scaling_factor=0.18215,
-        shift_factor=0.0,
-        width=width,
-        height=height,
-        dtype="int4",
-    )
+    blob = sd_blob(z, width, height, dtype="int4")
     Photo.objects.bulk_create([Photo(title=f"photo {i}") for i in range(count)], batch_size=1000)
     Photo.objects.update(
         image=blob,

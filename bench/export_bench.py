@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import sd_blob  # noqa: E402  (after the path insert)
+
 PG = "postgresql://postgres@127.0.0.1:5432"
 
 
@@ -89,7 +91,7 @@ def fill(count: int) -> list[int]:
     import numpy as np
     from django.db import connection, transaction
 
-    from latentstore.latents import blob_digest, pack
+    from latentstore.latents import blob_digest
     from project.models import Photo
 
     pks = sorted(
@@ -106,16 +108,7 @@ def fill(count: int) -> list[int]:
             params = []
             for pk in pks[start : start + 500]:
                 z = rng.normal(scale=5.0, size=(4, 64, 64)).astype("float32")
-                blob = pack(
-                    z,
-                    autoencoder="default",
-                    family="sd",
-                    fingerprint="0" * 16,
-                    scaling_factor=0.18215,
-                    shift_factor=0.0,
-                    width=512,
-                    height=512,
-                )
+                blob = sd_blob(z, 512, 512)
                 params.append((blob, blob_digest(blob), pk))
             cursor.executemany(sql, params)
     with connection.cursor() as cursor:

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,13 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _reachable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+from bench.common import reachable  # noqa: E402  (after the path insert)
 
 
 def _environment(media: str, db: str | None, prefix: str) -> dict[str, str]:
@@ -194,7 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    if not (_reachable(5432) and _reachable(6379)):
+    if not (reachable(5432) and reachable(6379)):
         sys.exit("needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379")
 
     media = Path(tempfile.mkdtemp(prefix="lsbench-import-"))

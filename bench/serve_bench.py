@@ -344,14 +344,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> Any
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def reachable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 # --- the database side (in this process, through the ORM) -----------------------------------
 def setup_django(stack: Stack) -> None:
     os.environ.update(stack.env(proxied=False))  # this process: the broker directly
@@ -796,6 +788,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from bench.common import reachable
+
     missing = [
         name for name, port in (("PostgreSQL", 5432), ("Redis", REDIS_PORT)) if not reachable(port)
     ]

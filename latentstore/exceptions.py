@@ -42,7 +42,3 @@ class DecoderUnavailable(RuntimeError):
         )
         self.alias = alias
         self.missing = missing
-
-
-class ImproperlyConfiguredLatentstore(Exception):
-    """A LATENTSTORE setting that cannot work (the system checks give the details)."""

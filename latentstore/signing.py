@@ -35,6 +35,7 @@ from django.utils.encoding import force_bytes
 from latentstore import conf
 from latentstore.decoding import decoder_fingerprint, normalise_format
 from latentstore.dispatch import json_pk
+from latentstore.latents import is_number
 
 if TYPE_CHECKING:
     from latentstore.fields import LatentImage
@@ -217,7 +218,7 @@ def _unsign(token: str) -> list[Any]:
         not _is_int(version)
         or not all(isinstance(value, str) for value in strings)
         or not (_is_int(pk) or isinstance(pk, str))
-        or not (expires is None or (_is_number(expires)))
+        or not (expires is None or is_number(expires))
     ):
         raise signing.BadSignature("Malformed latentstore token")
     return payload
@@ -246,10 +247,6 @@ def _unsign_object(token: str) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def _is_box(box: Any) -> bool:
