@@ -7,7 +7,9 @@ writes like any other field.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import operator
+from typing import Any, NamedTuple
 
 from django.db import models
 from django.db.models import F
@@ -148,3 +150,22 @@ def by_column(field: Any, values: dict[str, Any]) -> dict[str, Any]:
         (field.attname if key == "latents" else field.companion_attname(key)): value
         for key, value in values.items()
     }
+
+
+class ImageFacts(NamedTuple):
+    """A row's companion columns that a listing reads, at once (:meth:`LatentImage.facts`)."""
+
+    state: str
+    width: int | None
+    height: int | None
+    digest: str
+    autoencoder: str
+    error: str
+
+
+@functools.lru_cache(maxsize=256)
+def facts_reader(field: str) -> tuple[tuple[str, ...], operator.itemgetter[Any]]:
+    """The attribute names of field ``field``'s :class:`ImageFacts`, and a getter that reads
+    them out of an instance's ``__dict__`` in one call (``KeyError`` for a deferred one)."""
+    names = tuple(f"{field}_{suffix}" for suffix in ImageFacts._fields)
+    return names, operator.itemgetter(*names)

@@ -40,6 +40,7 @@ from latentstore.columns import (  # noqa: F401  (re-exported: migrations name t
     READY,
     STATE_CHOICES,
     CompanionField,
+    ImageFacts,
     LatentBytesField,
     LatentCharField,
     LatentCountField,
@@ -51,6 +52,7 @@ from latentstore.columns import (  # noqa: F401  (re-exported: migrations name t
     LatentTokenField,
     companions,
     dirty,
+    facts_reader,
     pending_upload,
 )
 from latentstore.decoding import decode_bytes, decode_image, fit_size
@@ -107,6 +109,22 @@ class LatentImage:
         # A loaded column is in the instance's __dict__; a deferred one loads through getattr.
         value = self.instance.__dict__.get(name, _MISSING)
         return getattr(self.instance, name) if value is _MISSING else value
+
+    def facts(self) -> ImageFacts:
+        """The row's state, size, digest, autoencoder and error in one call, reading no blob:
+        what a listing reads per row (each property alone costs a lookup of its column)."""
+        values = self.instance.__dict__
+        field = self.field
+        staged = values.get(field.attname)
+        if isinstance(staged, StagedUpload):
+            return ImageFacts(
+                PENDING, staged.width, staged.height, self.digest, self.autoencoder, self.error
+            )
+        names, read = facts_reader(field.name)
+        try:
+            return ImageFacts._make(read(values))
+        except KeyError:  # a deferred column loads through getattr, as _column does
+            return ImageFacts._make(getattr(self.instance, name) for name in names)
 
     @property
     def _staged(self) -> StagedUpload | None:

@@ -8,10 +8,10 @@ static placeholder of the same size.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import html
 import logging
-import math
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from django.utils.safestring import SafeString
 from latentstore import conf
 from latentstore.decoding import CONTENT_TYPES, fit_size, normalise_format
 from latentstore.fields import EMPTY, ENCODING, FAILED, PENDING, READY
+from latentstore.pictures import width_box
 from latentstore.signing import EXTENSIONS, set_base
 
 if TYPE_CHECKING:
@@ -177,18 +178,28 @@ def picture_candidates(
     if not own_w or not own_h:
         return []
     wanted = parse_widths(widths)
-    limit = conf.get_settings()["URL_MAX_SIZE"]
-    candidates: list[tuple[int, tuple[int, int] | None]] = []
-    for width in wanted:
-        if width >= own_w and not upscale:
-            break
-        # The box's height never binds: the fitted picture is exactly `width` wide.
-        box = (width, max(1, math.ceil(own_h * width / own_w)))
-        if limit is None or max(box) <= limit:
-            candidates.append((fit_size((own_w, own_h), box)[0], box))
-    if not upscale and (not candidates or wanted[-1] >= own_w):
+    count, own = candidate_count(own_w, own_h, wanted, upscale)
+    candidates: list[tuple[int, tuple[int, int] | None]] = [
+        (width, width_box((own_w, own_h), width)) for width in wanted[:count]
+    ]
+    if own:
         candidates.append((own_w, None))
     return candidates
+
+
+def candidate_count(
+    own_w: int, own_h: int, wanted: tuple[int, ...], upscale: bool = False
+) -> tuple[int, bool]:
+    """How many of the sorted ``wanted`` widths are srcset candidates of a ``own_w`` x
+    ``own_h`` picture (always the first ones), and whether its own size follows them (see
+    :func:`picture_candidates`)."""
+    count = len(wanted) if upscale else bisect.bisect_left(wanted, own_w)
+    limit = conf.get_settings()["URL_MAX_SIZE"]
+    if limit is not None:
+        # A box's width and height both grow with its width: those within the limit come first.
+        while count and max(width_box((own_w, own_h), wanted[count - 1])) > limit:
+            count -= 1
+    return count, not upscale and (count == 0 or wanted[-1] >= own_w)
 
 
 def picture_set(

@@ -9,6 +9,7 @@ that holds it, and :func:`sniff_format` tells the server which one a cached file
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,6 +35,14 @@ def fitting_format(format: str, size: tuple[int, int]) -> str:
         if limit is None or max(size) <= limit:
             return candidate
     return "PNG"  # unreachable: PNG has no limit
+
+
+def width_box(original: tuple[int, int], width: int) -> tuple[int, int]:
+    """The size box of the original scaled to ``width`` pixels wide: ``(width, height)`` with
+    the height rounded up, so the box's height never binds and the fitted picture is exactly
+    ``width`` wide. A srcset candidate's box; a picture-set token may name it by width alone."""
+    own_w, own_h = original
+    return width, max(1, math.ceil(own_h * width / own_w))
 
 
 def fit_size(original: tuple[int, int], size: int | tuple[int, int] | None) -> tuple[int, int]:

@@ -4,9 +4,9 @@ LatentImageField (the ``rest`` extra: ``pip install latentstore[rest]``).
 Read, it gives an object with the state, the size and signed URLs::
 
     {"state": "ready", "width": 1600, "height": 1067,
-     "url": "https://…/latents/p/….webp",
-     "srcset": {"avif": "https://…/….avif 320w, …", "webp": "https://…/….webp 320w, …"},
-     "preview_url": "https://…/latents/p/….webp", "error": null}
+     "url": "https://…/latents/p/<token>/4.webp",
+     "srcset": {"avif": "https://…/<token>/0.avif 320w, …", "webp": "https://…/0.webp 320w, …"},
+     "preview_url": "https://…/latents/p/<token>/p.webp", "error": null}
 
 Written, it takes a multipart file upload, validated as a form or an assignment validates it
 (format allow-list, pixel cap, header parse; DRF's own error format for a bad file); ``null``
@@ -20,39 +20,68 @@ The OpenAPI schema of the field is described to drf-spectacular when it is insta
 from __future__ import annotations
 
 import base64
+from bisect import bisect_left
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.core.signals import setting_changed
-from django.dispatch import receiver
 from rest_framework import serializers
 
+from latentstore import conf
 from latentstore.blobs import prefetch_blobs
-from latentstore.columns import EMPTY, ENCODING, FAILED, PENDING, READY
-from latentstore.decoding import decoder_fingerprint, normalise_format
+from latentstore.columns import EMPTY, ENCODING, FAILED, PENDING, READY, ImageFacts
+from latentstore.decoding import normalise_format
 from latentstore.fields import LatentImage
-from latentstore.html import picture_candidates, picture_formats, srcset
-from latentstore.signing import EXTENSIONS, expiry, sign, sign_set, url_prefix
+from latentstore.html import candidate_count, parse_widths, picture_formats
+from latentstore.signing import (
+    EXTENSIONS,
+    PREVIEW_INDEX,
+    WIDTH_ONLY,
+    SetSigner,
+    SetTemplate,
+    url_prefix,
+)
 from latentstore.staging import StagedUpload, stage
 
-__all__ = ["BLOBS_CONTEXT_KEY", "LatentImageField", "forget_links"]
+__all__ = ["BLOBS_CONTEXT_KEY", "LatentImageField"]
 
 #: ``serializer_context[BLOBS_CONTEXT_KEY] = True`` (from the view) adds the latent blob itself,
 #: base64, to fields with ``include_latents=True``. Nothing else ever sends it.
 BLOBS_CONTEXT_KEY = "latentstore_blobs"
 
-# Serialized links of ready rows, by field, URL prefix, row, digest and expiry period: a listing
-# served again costs a dict lookup per row instead of two signatures. Emptied when settings
-# change (SECRET_KEY, URL_SALT, URL_EXPIRES, the decoders...).
-_LINKS_MEMO_ENTRIES = 50_000
-_links_memo: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the links of every ready row with the same srcset candidates share: the size boxes
+    of its token (widths alone: any height fits), the srcset parts and the url's ending.
+
+    A srcset is ``base.join(parts)``: ``["", "0.avif 320w, ", ..., "4.avif 1600w"]`` puts the
+    base before each candidate in one join. When the last candidate is the row's own size, the
+    last part is ``last`` (``"4.avif "``) plus the row's width, set in ``parts`` per row: rows
+    of any width share the rest.
+    """
+
+    boxes: tuple[tuple[int, int] | None, ...]
+    srcsets: tuple[tuple[str, list[str], str], ...]  # (format key, parts, last)
+    own: bool  # the last candidate is the row's own size
+    url: str
 
 
-@receiver(setting_changed)
-def forget_links(**kwargs: Any) -> None:
-    """Empty this process's memo of serialized links (done on every ``setting_changed``)."""
-    _links_memo.clear()
+def _shape(
+    wanted: tuple[int, ...], count: int, own: bool, formats: list[str], url_format: str
+) -> _Shape:
+    """The :class:`_Shape` of the first ``count`` of ``wanted`` (and the own size if ``own``)."""
+    widths = [f"{width}w" for width in wanted[:count]]
+    srcsets = []
+    for fmt in formats:
+        ext = EXTENSIONS[fmt]
+        items = [f"{index}.{ext} {width}" for index, width in enumerate(widths)]
+        items.append(f"{count}.{ext} " if own else items.pop())
+        parts = ["", *(f"{item}, " for item in items[:-1]), items[-1]]
+        srcsets.append((fmt.lower(), parts, items[-1]))
+    boxes = tuple((width, WIDTH_ONLY) for width in wanted[:count]) + ((None,) if own else ())
+    return _Shape(boxes, tuple(srcsets), own, f"{count + own - 1}.{EXTENSIONS[url_format]}")
 
 
 class LatentImageField(serializers.Field):
@@ -61,10 +90,10 @@ class LatentImageField(serializers.Field):
     ``widths``, ``formats`` and ``upscale`` choose the ``srcset`` candidates as
     ``{% latent_picture %}`` does (defaults: ``PICTURE_WIDTHS``, ``PICTURE_FORMATS``);
     ``url`` is the largest candidate in ``url_format``; ``preview_url`` the instant
-    ``preview_decoder`` picture fitted into ``preview_size`` (None: no preview, one signature
-    a row instead of two). ``decoder`` defaults to the model
-    field's. ``include_latents=True`` adds the latents' shape, dtype and origin. ``allow_null``
-    is True unless given: ``null`` clears the image.
+    ``preview_decoder`` picture fitted into ``preview_size`` (None: no preview). All of a row's
+    links share one signed token. ``decoder`` defaults to the model field's.
+    ``include_latents=True`` adds the latents' shape, dtype and origin. ``allow_null`` is True
+    unless given: ``null`` clears the image.
     """
 
     default_error_messages = {
@@ -99,73 +128,103 @@ class LatentImageField(serializers.Field):
         self._prefetched_for: Any = None
         self._formats: list[str] | None = None
         self._url_format = ""
-        self._signed: list[str] = []
-        self._options_key: str | None = None
+        self._signers: dict[str, SetSigner] = {}
+        self._last: tuple[Any, ...] | None = None
+        self._shapes: dict[tuple[int, bool], _Shape] = {}
+        self._wanted_widths: tuple[tuple[int, ...], int | None] | None = None
 
     # --- read -----------------------------------------------------------------------------
 
     def to_representation(self, value: LatentImage) -> dict[str, Any]:
         image = value
-        state = image.state
-        key = None
-        if state == READY and not self.include_latents:
-            # A ready row's links depend only on its digest, this field's options, the URL
-            # prefix and the expiry period: an API that lists the same rows again signs nothing.
-            instance = image.instance
-            # The decoder's fingerprint too: new weights on disk make new links.
-            fingerprint = decoder_fingerprint(
-                self.decoder or image.field.decoder, image.autoencoder
-            )
-            key = (self._options(), self._url_prefix(), instance._meta.label, instance.pk,
-                   image.field.name, image.digest, fingerprint, expiry())  # fmt: skip
-            links = _links_memo.get(key)
-            if links is not None:
-                return dict(links)
+        facts = image.facts()
         data: dict[str, Any] = {
-            "state": state,
-            "width": image.width,
-            "height": image.height,
+            "state": facts.state,
+            "width": facts.width,
+            "height": facts.height,
             "url": None,
             "srcset": {},
             "preview_url": None,
-            "error": image.error or None,
+            "error": facts.error or None,
         }
-        if state == READY:
-            self._links(image, data)
+        if facts.state == READY and facts.digest:
+            self._links(image, facts, data)
         if self.include_latents:
-            data["latents"] = self._latents(image) if state == READY else None
-        if key is not None:
-            if len(_links_memo) >= _LINKS_MEMO_ENTRIES:
-                _links_memo.clear()  # bounded; cheaper than an LRU for a memo of signatures
-            _links_memo[key] = dict(data)
+            data["latents"] = self._latents(image) if facts.state == READY else None
         return data
 
-    def _links(self, image: LatentImage, data: dict[str, Any]) -> None:
-        # Two signatures a row, whatever the widths and formats: one picture-set token for the
-        # srcsets and the url, one token for the preview (another decoder).
-        prefix = self._url_prefix()
-        if self._formats is None:  # parsed once per field, not once per row
+    def _links(self, image: LatentImage, facts: ImageFacts, data: dict[str, Any]) -> None:
+        # One signature a row, whatever the widths and formats: a picture-set token for the
+        # srcsets, the url and the preview. The rest of each link is shared by rows whose
+        # srcset candidates are the same widths.
+        own_w, own_h = facts.width, facts.height
+        if not own_w or not own_h:
+            return
+        wanted, limit = self._wanted()
+        count = bisect_left(wanted, own_w)
+        top = wanted[count - 1] if count else 0
+        if (
+            self.upscale
+            or count == 0
+            or (limit is not None and (top > limit or own_h * top > limit * own_w))
+        ):  # the general rule; the usual case (the top candidate's box in the limit) is below
+            count, own = candidate_count(own_w, own_h, wanted, self.upscale)
+            if not count and not own:
+                return
+        else:
+            own = wanted[-1] >= own_w
+        shape = self._shapes.get((count, own))
+        if shape is None:
+            shape = _shape(wanted, count, own, self._picture_formats(), self._url_format)
+            self._shapes[(count, own)] = shape
+        signer, template, prefix = self._template(image, shape, facts.autoencoder)
+        base = f"{prefix}{signer.sign_row(template, image.instance.pk, facts.digest)}/"
+        if own:  # the last part is the row's own width: set per row in the shape's lists
+            width = f"{own_w}w"
+            for _key, parts, last in shape.srcsets:
+                parts[-1] = last + width
+        data["srcset"] = {key: base.join(parts) for key, parts, _last in shape.srcsets}
+        data["url"] = base + shape.url
+        if self.preview_size is not None:
+            data["preview_url"] = f"{base}{PREVIEW_INDEX}.webp"
+
+    def _template(
+        self, image: LatentImage, shape: _Shape, autoencoder: str
+    ) -> tuple[SetSigner, SetTemplate, str]:
+        """The signer, the token template and the URL prefix of ``image``'s row."""
+        # The rows of a listing mostly share their model, candidates and autoencoder: the last
+        # template is checked first, without building a key.
+        last = self._last
+        model = type(image.instance)
+        if last is not None and last[0] is shape and last[1] is model and last[2] == autoencoder:
+            return last[3]
+        field = image.field
+        decoder = self.decoder or field.decoder
+        signer = self._signers.get(decoder)
+        if signer is None:
+            formats = [*self._picture_formats(), self._url_format]
+            preview = None
+            if self.preview_size is not None:
+                preview = (self.preview_decoder, self.preview_size, "webp")
+            signer = SetSigner(decoder, list(dict.fromkeys(formats)), preview)
+            self._signers[decoder] = signer
+        label = model._meta.label_lower
+        template = signer.template(label, field.name, autoencoder, shape.boxes)
+        found = (signer, template, self._url_prefix())
+        self._last = (shape, model, autoencoder, found)
+        return found
+
+    def _wanted(self) -> tuple[tuple[int, ...], int | None]:
+        """The srcset widths and ``URL_MAX_SIZE``, read once per field, not once per row."""
+        if self._wanted_widths is None:
+            self._wanted_widths = (parse_widths(self.widths), conf.get_settings()["URL_MAX_SIZE"])
+        return self._wanted_widths
+
+    def _picture_formats(self) -> list[str]:
+        if self._formats is None:
             self._formats = picture_formats(self.formats)
             self._url_format = normalise_format(self.url_format)
-            self._signed = list(dict.fromkeys([*self._formats, self._url_format]))
-        candidates = picture_candidates(image, self.widths, upscale=self.upscale)
-        boxes = [box for _width, box in candidates]
-        decoder = self.decoder or image.field.decoder
-        base = f"{prefix}{sign_set(image, decoder, boxes, self._signed)}/"
-        data["srcset"] = {fmt.lower(): srcset(base, candidates, fmt) for fmt in self._formats}
-        data["url"] = f"{base}{len(candidates) - 1}.{EXTENSIONS[self._url_format]}"
-        if self.preview_size is not None:
-            token, ext = sign(image, self.preview_decoder, self.preview_size, "webp")
-            data["preview_url"] = f"{prefix}{token}.{ext}"
-
-    def _options(self) -> str:
-        """This field's link options as one hashable value (fields are copied per serializer)."""
-        if self._options_key is None:
-            self._options_key = repr(
-                (type(self).__qualname__, self.widths, self.formats, self.upscale,
-                 self.url_format, self.decoder, self.preview_decoder, self.preview_size)
-            )  # fmt: skip
-        return self._options_key
+        return self._formats
 
     def _url_prefix(self) -> str:
         # Absolute URLs when the view passed its request (as DRF's FileField does). The scheme,

@@ -13,9 +13,9 @@ urlpatterns = [
         views.picture,
         name="picture",
     ),
-    # One token for a <picture>'s sizes and formats; the index picks the size.
+    # One token for a <picture>'s sizes and formats; the index picks the size ('p': the preview).
     re_path(
-        r"^p/(?P<token>[A-Za-z0-9_\-:.]+)/(?P<index>\d{1,3})\.(?P<ext>webp|png|jpg|avif)$",
+        r"^p/(?P<token>[A-Za-z0-9_\-:.]+)/(?P<index>\d{1,3}|p)\.(?P<ext>webp|png|jpg|avif)$",
         views.picture_in_set,
         name="picture-in-set",
     ),

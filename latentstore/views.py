@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.core import signing
@@ -40,7 +40,7 @@ from latentstore.decoding import (
     rendition,
     schedule_warmup,
 )
-from latentstore.pictures import sniff_format
+from latentstore.pictures import sniff_format, width_box
 from latentstore.queries import get_field
 
 logger = logging.getLogger("latentstore.views")
@@ -65,9 +65,11 @@ def picture(request: HttpRequest, token: str, ext: str) -> HttpResponse:
 @require_safe
 def picture_in_set(request: HttpRequest, token: str, index: str, ext: str) -> HttpResponse:
     """Serve picture ``index`` of a picture-set token (``{% latent_picture %}``, the REST field)
-    as ``ext``: what the token lists and nothing else, served like :func:`picture`."""
+    as ``ext`` (``index`` ``p``: its preview): what the token lists and nothing else, served
+    like :func:`picture`."""
+    position = index if index == picture_signing.PREVIEW_INDEX else int(index)
     try:
-        ref = picture_signing.read_set(token, int(index), ext)
+        ref = picture_signing.read_set(token, position, ext)
     except picture_signing.URLExpired:
         return HttpResponseForbidden("This picture URL has expired.", content_type="text/plain")
     except signing.BadSignature:
@@ -90,7 +92,8 @@ class _RowFacts:
 def _serve(request: HttpRequest, ref: picture_signing.PictureRef) -> HttpResponse:
     """The response to a verified token: the cached picture, else the preview and a warm-up."""
     try:
-        picture_signing.size_box(ref.size)  # the limit may have been lowered since signing
+        if not _width_only(ref):  # checked once the row's size gives it its height
+            picture_signing.size_box(ref.size)  # the limit may have been lowered since signing
         model, field = get_field(ref.label, ref.field)
         backend = decoders[ref.decoder]
     except (ValueError, LookupError, FieldDoesNotExist, TypeError, InvalidDecoderError):
@@ -100,7 +103,8 @@ def _serve(request: HttpRequest, ref: picture_signing.PictureRef) -> HttpRespons
     row_key = (ref.label, ref.pk, ref.field, ref.digest)
     facts = verified_rows.get(row_key, time.monotonic())
     if facts is not None:
-        hit = _cached(request, ref, facts, backend)
+        sized = _sized(ref, facts.width, facts.height)
+        hit = _cached(request, sized, facts, backend) if sized is not None else None
         if hit is not None:
             return hit
     image = _ready_image(model, field, ref)
@@ -110,7 +114,31 @@ def _serve(request: HttpRequest, ref: picture_signing.PictureRef) -> HttpRespons
     if seconds:
         facts = _RowFacts(image.digest, image.width, image.height, image.autoencoder)
         verified_rows.add(row_key, facts, time.monotonic() + seconds)
-    return _picture_or_preview(request, ref, image, backend)
+    sized = _sized(ref, image.width, image.height)
+    if sized is None:
+        return _not_found()
+    return _picture_or_preview(request, sized, image, backend)
+
+
+def _width_only(ref: picture_signing.PictureRef) -> bool:
+    return ref.size is not None and ref.size[1] == picture_signing.WIDTH_ONLY
+
+
+def _sized(
+    ref: picture_signing.PictureRef, width: int | None, height: int | None
+) -> picture_signing.PictureRef | None:
+    """``ref`` with a width-only box made whole from the row's size, as the srcset candidate's
+    box was (None when that box passes ``URL_MAX_SIZE``, or the row has no size)."""
+    if not _width_only(ref):
+        return ref
+    if not width or not height:
+        return None
+    box = width_box((width, height), ref.size[0])  # type: ignore[index]
+    try:
+        picture_signing.size_box(box)
+    except ValueError:
+        return None
+    return replace(ref, size=box)
 
 
 def _ready_image(model: Any, field: Any, ref: picture_signing.PictureRef) -> Any | None:

@@ -34,6 +34,7 @@ ORDER: list[str] = [
     "forms",
     "preview",
     "pictures",
+    "packing",
     "quality",
     "decoders",
     "cache",

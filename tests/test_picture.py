@@ -3,8 +3,11 @@ URL in it fetched; AVIF, WebP and JPEG from one decode per size; a page of 100 p
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import logging
+import uuid
 from html.parser import HTMLParser
 
 import pytest
@@ -313,3 +316,116 @@ def test_set_tokens_name_only_what_they_list(client, photo):
     assert client.get(f"{base[:-3]}x/0.avif").status_code == 403  # tampered
     with pytest.raises(django_signing.BadSignature):  # a set token is not a picture token
         signing.read(token)
+
+
+def test_set_tokens_pack_any_primary_key_and_digest_under_a_keyed_mac(photo, settings):
+    from latentstore import signing
+
+    signer = signing.SetSigner("default", ["avif", "jpeg"], preview=("rgb", 64, "webp"))
+    boxes = ((64, 39), None)
+    uuid_pk = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    keys = [photo.pk, 'a-slug "quoted" é', 2**70, "x" * 300, uuid_pk]
+    digests = ["914321846061550ad61e31834422a34f", "ab12", "NOT-HEX", "AB12", ""]
+    for pk, digest in zip(keys, digests, strict=True):
+        token = signer.sign("demo.photo", pk, "image", digest, "default", boxes)
+        value, mac = token.split(":")
+        packed = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        # The MAC is keyed BLAKE2b-128 of the bytes, keyed as Django's Signer keys its HMAC.
+        key = hashlib.sha256(f"{signing._salt()}signer{settings.SECRET_KEY}".encode()).digest()
+        expected = hashlib.blake2b(packed, key=key, digest_size=16).digest()
+        assert mac == base64.urlsafe_b64encode(expected).decode().rstrip("=")
+        ref = signing.read_set(token, 0, "avif")
+        want_pk = str(pk) if isinstance(pk, uuid.UUID) else pk
+        assert (ref.label, ref.pk, ref.field, ref.decoder) == (
+            "demo.photo",
+            want_pk,
+            "image",
+            "default",
+        )
+        assert (ref.size, ref.format, ref.digest, ref.expires) == ((64, 39), "AVIF", digest, None)
+        assert ref.fingerprint == signing.decoder_fingerprint("default", "default")
+        assert signing.read_set(token, 1, "jpg").size is None
+        preview = signing.read_set(token, signing.PREVIEW_INDEX, "webp")
+        assert (preview.decoder, preview.size, preview.format) == ("rgb", (64, 64), "WEBP")
+        assert preview.fingerprint == signing.decoder_fingerprint("rgb", "default")
+    short = signer.sign("demo.photo", 7, "image", digests[0], "default", ((320, 214),) * 5)
+    assert len(short) < 170, "a five-size set with a preview stays short"
+
+
+def test_a_set_token_carries_its_expiry(photo, settings, tiny_vae_dir):
+    from django.core import signing as django_signing
+
+    from latentstore import signing
+
+    settings.LATENTSTORE = latentstore_config(tiny_vae_dir, URL_EXPIRES=800)
+    token = signing.sign_set(photo.image, "default", [None], ["webp"], now=1_000_000)
+    assert signing.read_set(token, 0, "webp", now=1_000_000).expires == 1_000_800
+    with pytest.raises(signing.URLExpired):
+        signing.read_set(token, 0, "webp", now=1_000_800)
+    for cut in (token[:-1], token.replace(":", ":A", 1), token[:10] + token[12:]):
+        with pytest.raises(django_signing.BadSignature):
+            signing.read_set(cut, 0, "webp", now=1_000_000)
+
+
+def test_a_set_token_serves_its_preview_and_old_tokens_still_read(client, photo, settings):
+    from django.core import signing as django_signing
+
+    from latentstore import signing
+
+    base = signing.set_base(photo.image, "default", [None], ["webp"], preview=("rgb", 32, "webp"))
+    token = base.removeprefix("/latents/p/").rstrip("/")
+    preview = signing.read_set(token, signing.PREVIEW_INDEX, "webp")
+    assert (preview.decoder, preview.size, preview.format) == ("rgb", (32, 32), "WEBP")
+    assert preview.fingerprint == signing.decoder_fingerprint("rgb", photo.image.autoencoder)
+    response = client.get(f"{base}p.webp")
+    assert response.status_code == 200
+    assert max(Image.open(io.BytesIO(response.content)).size) == 32
+    assert client.get(f"{base}p.jpg").status_code == 404  # the preview's format only
+    with pytest.raises(LookupError):
+        signing.read_set(token, signing.PREVIEW_INDEX, "jpg")
+
+    # A version-2 token (before the preview entry) is still read; it has no preview.
+    image = photo.image
+    old = [2, "demo.photo", photo.pk, "image", "default", [None], ["WEBP"], image.digest,
+           signing.decoder_fingerprint("default", image.autoencoder), None]  # fmt: skip
+    old_token = signing._sign_object(old)
+    assert client.get(f"/latents/p/{old_token}/0.webp").status_code == 200
+    assert client.get(f"/latents/p/{old_token}/p.webp").status_code == 404
+
+    # Signed by us but malformed: refused as a bad token (403), never a 500.
+    def packed_token(raw: bytes) -> str:
+        key = signing._mac_key(signing._salt(), settings.SECRET_KEY)
+        mac = hashlib.blake2b(raw, key=key, digest_size=16).digest()
+        return f"{signing._b64(raw).decode()}:{signing._b64(mac).decode()}"
+
+    good = signing._unsign_packed(token)
+    assert packed_token(good) == token
+    bad_tokens = [packed_token(raw) for raw in (
+        good[:-1],  # truncated
+        good + b"\x00",  # trailing bytes
+        b"\x09" + good[1:],  # an unknown version
+        good.replace(b"\x01\x02", b"\x01\x09", 1),  # a format code we do not serve
+        b"",
+    )]  # fmt: skip
+    bad_tokens += [signing._sign_object(bad) for bad in (
+        [3, *old[1:]],  # JSON is version 2 only
+        [2, *old[1:], None],  # eleven fields
+    )]  # fmt: skip
+    for bad in bad_tokens:
+        with pytest.raises(django_signing.BadSignature):
+            signing.read_set(bad, 0, "webp")
+        assert client.get(f"/latents/p/{bad}/p.webp").status_code == 403, bad
+
+
+def test_a_set_token_survives_a_key_rotation_through_the_fallbacks(photo, settings):
+    from django.core import signing as django_signing
+
+    from latentstore import signing
+
+    token = signing.sign_set(photo.image, "default", [None], ["webp"])
+    old_key = settings.SECRET_KEY
+    settings.SECRET_KEY = "a-new-key-" + "x" * 50
+    with pytest.raises(django_signing.BadSignature):
+        signing.read_set(token, 0, "webp")
+    settings.SECRET_KEY_FALLBACKS = [old_key]
+    assert signing.read_set(token, 0, "webp").digest == photo.image.digest

@@ -204,34 +204,117 @@ def test_the_openapi_schema_describes_the_field():
     assert "multipart/form-data" in create
 
 
-def test_a_listing_served_again_signs_nothing_until_the_row_or_the_settings_change(
+def token_of(url: str) -> str:
+    """The set token of one of a row's links: ``…/latents/p/<token>/<index>.<ext>``."""
+    return url.removeprefix(f"{HOST}/latents/p/").split("/")[0]
+
+
+def test_a_row_signs_one_token_for_all_its_links_until_the_row_or_the_settings_change(
     api, monkeypatch, settings, tiny_vae_dir
 ):
-    from latentstore import rest_framework
+    from latentstore import signing
 
-    photo = Photo.objects.create(title="m", image=upload().read())
-    encode_now(photo)
-    signed = []
-    real = rest_framework.sign_set
+    photos = [Photo.objects.create(title=f"m{i}", image=upload(seed=i).read()) for i in (1, 2)]
+    for photo in photos:
+        encode_now(photo)
+    macs = []
+    real = signing.SetSigner.sign_row
 
-    def counted(*args, **kwargs):
-        signed.append(args[0].digest)
-        return real(*args, **kwargs)
+    def counted(self, template, pk, digest):
+        macs.append(pk)
+        return real(self, template, pk, digest)
 
-    monkeypatch.setattr(rest_framework, "sign_set", counted)
-    rest_framework.forget_links()
-    first = api.get("/api/photos/").json()[0]["image"]
-    again = api.get("/api/photos/").json()[0]["image"]
-    assert again == first and len(signed) == 1, "the second listing came from the memo"
+    monkeypatch.setattr(signing.SetSigner, "sign_row", counted)
+    listing = [row["image"] for row in api.get("/api/photos/").json()]
+    assert len(macs) == 2, "one signature a row: srcsets, url and preview share it"
+    for image in listing:
+        urls = [image["url"], image["preview_url"]]
+        urls += [item.split()[0] for v in image["srcset"].values() for item in v.split(", ")]
+        assert len(urls) == 8 and {token_of(url) for url in urls} == {token_of(image["url"])}
+        assert image["preview_url"].endswith("/p.webp")
+    assert token_of(listing[0]["url"]) != token_of(listing[1]["url"])
+    first = listing[0]
+    assert api.get("/api/photos/").json()[0]["image"] == first, "deterministic links"
 
+    photo = photos[0]
     photo.image = upload(seed=9).read()  # re-uploaded: new latents, new digest, new links
     photo.save()
     encode_now(photo)
     fresh = api.get("/api/photos/").json()[0]["image"]
-    assert fresh["url"] != first["url"] and len(signed) == 2
+    assert fresh["url"] != first["url"]
+    assert api.get(first["url"].removeprefix(HOST)).status_code == 404  # not the row's latents
+    assert api.get(first["preview_url"].removeprefix(HOST)).status_code == 404
 
     settings.LATENTSTORE = latentstore_config(tiny_vae_dir, URL_SALT="revoked")
     revoked = api.get("/api/photos/").json()[0]["image"]
-    assert revoked["url"] != fresh["url"] and len(signed) == 3, "a setting change empties it"
+    assert revoked["url"] != fresh["url"], "the next request signs with the new salt"
     assert api.get(fresh["url"].removeprefix(HOST)).status_code == 403
+    assert api.get(fresh["preview_url"].removeprefix(HOST)).status_code == 403
     assert api.get(revoked["url"].removeprefix(HOST)).status_code == 200
+
+
+def test_without_a_preview_the_token_lists_none(api):
+    from latentstore import signing
+    from latentstore.rest_framework import LatentImageField
+
+    photo = Photo.objects.create(title="np", image=upload().read())
+    encode_now(photo)
+    field = LatentImageField(preview_size=None, formats="webp", widths="64 400")
+    field.bind("image", None)  # no request in the context: paths, not absolute URLs
+    image = field.to_representation(photo.image)
+    base = image["url"].removesuffix("1.webp")
+    assert image["preview_url"] is None
+    assert image["srcset"] == {"webp": f"{base}0.webp 64w, {base}1.webp 200w"}
+    token = base.removeprefix("/latents/p/").rstrip("/")
+    with pytest.raises(LookupError):
+        signing.read_set(token, signing.PREVIEW_INDEX, "webp")
+    assert api.get(f"{base}p.webp").status_code == 404
+    assert api.get(f"{base}0.webp").status_code == 200
+
+
+@pytest.mark.parametrize("upscale", [False, True])
+def test_every_srcset_follows_the_candidate_rule_for_any_size(settings, tiny_vae_dir, upscale):
+    """The field's per-row shortcut gives what picture_candidates gives, for wide, narrow,
+    tall and tiny pictures, with and without URL_MAX_SIZE binding (a 300 px limit)."""
+    from latentstore import signing
+    from latentstore.html import picture_candidates
+    from latentstore.rest_framework import LatentImageField
+
+    sizes = [(1600, 1067), (200, 120), (320, 5000), (640, 640), (5, 3), (4000, 3000), (321, 90)]
+    (pk,) = make_rows(1)
+    row = Photo.objects.get(pk=pk)
+    for limit in (2048, 300):
+        settings.LATENTSTORE = latentstore_config(tiny_vae_dir, URL_MAX_SIZE=limit)
+        field = LatentImageField(widths="64 320 640 960", formats="avif jpeg", upscale=upscale)
+        field.bind("image", None)
+        for width, height in sizes:
+            row.image_width, row.image_height = width, height
+            image = field.to_representation(row.image)
+            expected = picture_candidates(row.image, "64 320 640 960", upscale=upscale)
+            assert bool(image["url"]) == bool(expected), (width, height, limit)
+            if not expected:
+                continue
+            for fmt, ext in (("avif", "avif"), ("jpeg", "jpg")):
+                items = [item.rsplit(" ", 1) for item in image["srcset"][fmt].split(", ")]
+                assert [int(w[:-1]) for _url, w in items] == [w for w, _box in expected]
+                token = items[0][0].removeprefix("/latents/p/").split("/")[0]
+                for index, (_url, _w) in enumerate(items):
+                    ref = signing.read_set(token, index, ext)
+                    box = expected[index][1]
+                    # A width alone, the view makes the box from the row's size.
+                    assert ref.size == (None if box is None else (box[0], 0))
+            assert image["url"].endswith(f"/{len(expected) - 1}.webp")
+
+
+def test_a_width_only_link_serves_its_width_and_respects_a_lowered_limit(
+    api, settings, tiny_vae_dir
+):
+    photo = Photo.objects.create(title="w", image=upload(width=200, height=120).read())
+    encode_now(photo)
+    image = api.get(f"/api/photos/{photo.pk}/").json()["image"]
+    first = image["srcset"]["webp"].split(", ")[0].split()[0]  # 64w: 200x120 at 64 px wide
+    response = api.get(first.removeprefix(HOST))
+    assert response.status_code == 200
+    assert Image.open(io.BytesIO(response.content)).size == (64, 38)
+    settings.LATENTSTORE = latentstore_config(tiny_vae_dir, URL_MAX_SIZE=32)
+    assert api.get(first.removeprefix(HOST)).status_code == 404  # the limit was lowered since
