@@ -9,8 +9,9 @@ pictures, seeded noise: no model is needed), then for each count:
 * **export rate**: ``manage.py latents_export`` (``--format hf`` and ``webdataset``) in its own
   process, its rows/s as the command reports them (header scan, streaming, shards, card), against
   a bare server-side-cursor loop in this process that only reads the blob column
-  (``SELECT image ... ORDER BY id`` through Django's chunked cursor); rounds interleave the two
-  and the median is reported;
+  (``SELECT image ... ORDER BY id`` through Django's chunked cursor), and the same loop in
+  psycopg's binary protocol (the export reads blobs that way); rounds interleave them and the
+  median is reported;
 * **peak RSS** of each export process (``wait4``'s ``ru_maxrss``): flat means bounded memory;
 
 and at the largest count:
@@ -137,6 +138,31 @@ def bare_loop(last_pk: int) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
+def bare_loop_binary(last_pk: int) -> tuple[int, float]:
+    """The same loop on a psycopg server-side cursor in the binary protocol (the export reads
+    its blobs that way; Django's cursors read bytea as hex text, twice the bytes)."""
+    from django.db import connection, transaction
+
+    from project.models import Photo
+
+    table = Photo._meta.db_table
+    start = time.perf_counter()
+    n = nbytes = 0
+    with transaction.atomic():
+        raw = connection.connection
+        with raw.cursor(name="bare_binary", binary=True) as cursor:
+            cursor.execute(
+                f"SELECT image FROM \"{table}\" WHERE image_state = 'ready' AND id <= %s "
+                "ORDER BY id",
+                [last_pk],
+            )
+            while rows := cursor.fetchmany(200):
+                for (blob,) in rows:
+                    nbytes += len(blob)
+                    n += 1
+    return n, time.perf_counter() - start
+
+
 def run_export(url: str, out: Path, last_pk: int, fmt: str) -> dict:
     """latents_export in a child process, with its peak RSS from wait4."""
     shutil.rmtree(out, ignore_errors=True)
@@ -208,11 +234,14 @@ def run(args: argparse.Namespace, counts: list[int], var: Path, url: str) -> Non
     results = []
     for count in counts:
         last_pk = pks[count - 1]
-        bare, ours = [], {"hf": [], "webdataset": []}
+        bare, binary, ours = [], [], {"hf": [], "webdataset": []}
         for round_ in range(args.rounds):
             n, seconds = bare_loop(last_pk)
             assert n == count, (n, count)
             bare.append(n / seconds)
+            n, seconds = bare_loop_binary(last_pk)
+            assert n == count, (n, count)
+            binary.append(n / seconds)
             for fmt in ours:
                 result = run_export(url, var / f"out-{fmt}", last_pk, fmt)
                 assert result["rows"] == count, result
@@ -223,7 +252,7 @@ def run(args: argparse.Namespace, counts: list[int], var: Path, url: str) -> Non
                     f"{f} {r[-1]['rows'] / r[-1]['seconds']:.0f} rows/s" for f, r in ours.items()
                 )
             )
-        results.append((count, bare, ours))
+        results.append((count, bare, binary, ours))
 
     last_pk = pks[counts[-1] - 1]
     log("dataset throughput")
@@ -262,13 +291,26 @@ def run(args: argparse.Namespace, counts: list[int], var: Path, url: str) -> Non
         "| export webdataset | ratio | peak RSS |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for count, bare, ours in results:
+    for count, bare, _binary, ours in results:
         base = statistics.median(bare)
         cells = [f"{count}", f"{base:,.0f} rows/s"]
         for fmt in ("hf", "webdataset"):
             rate = statistics.median(r["rows"] / r["seconds"] for r in ours[fmt])
             rss = max(r["rss_mb"] for r in ours[fmt])
             cells += [f"{rate:,.0f} rows/s", f"{rate / base:.2f}x", f"{rss:.0f} MB"]
+        print("| " + " | ".join(cells) + " |")
+    print(
+        "\nThe bare loop reads through Django's server-side cursor, as a project would; bytea "
+        "comes as hex text. The same loop in psycopg's binary protocol, as the export reads:\n"
+    )
+    print("| rows | bare loop, binary protocol | export hf | ratio | export webdataset | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for count, _bare, binary, ours in results:
+        base = statistics.median(binary)
+        cells = [f"{count}", f"{base:,.0f} rows/s"]
+        for fmt in ("hf", "webdataset"):
+            rate = statistics.median(r["rows"] / r["seconds"] for r in ours[fmt])
+            cells += [f"{rate:,.0f} rows/s", f"{rate / base:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     ds_rate, hf_rate_ = statistics.median(rates_ds), statistics.median(rates_hf)
     print(
@@ -285,7 +327,7 @@ def run(args: argparse.Namespace, counts: list[int], var: Path, url: str) -> Non
         f"{statistics.median(loads):.2f} s more, not counted above.)"
     )
     first, last = results[0], results[-1]
-    growth = max(r["rss_mb"] for r in last[2]["hf"]) / max(r["rss_mb"] for r in first[2]["hf"])
+    growth = max(r["rss_mb"] for r in last[3]["hf"]) / max(r["rss_mb"] for r in first[3]["hf"])
     print(
         f"\nExport peak RSS from {first[0]} to {last[0]} rows ({last[0] / first[0]:.1f}x the "
         f"rows): {growth:.2f}x."

@@ -377,7 +377,12 @@ class Exporter:
         self.data_dir.mkdir(exist_ok=True)
         names = ("pk", self.field.attname, *(c.attname for c in self.columns))
         pages = prefetched(
-            self.rows, names, self.options.page_size, plan.resume_after, prepare=_verified
+            self.rows,
+            names,
+            self.options.page_size,
+            plan.resume_after,
+            prepare=_verified,
+            blob=self.field.attname,
         )
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latents-export")
         try:

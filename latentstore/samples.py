@@ -221,7 +221,11 @@ class OriginScan:
 
 
 def keyset_pages(
-    rows: models.QuerySet, names: tuple[str, ...], size: int, after: Any = None
+    rows: models.QuerySet,
+    names: tuple[str, ...],
+    size: int,
+    after: Any = None,
+    blob: str | None = None,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """``rows.values_list(*names)`` in primary-key order, ``size`` rows a query.
 
@@ -229,7 +233,25 @@ def keyset_pages(
     page) rather than one cursor: no transaction stays open for the whole walk (holding back
     vacuum), and PostgreSQL never materialises the result as it does for the ``WITH HOLD``
     cursor that ``QuerySet.iterator()`` opens in autocommit mode.
+
+    ``blob`` (one of ``names``, a binary column) comes as ``bytes``, read on PostgreSQL by a
+    second query per page in the binary protocol: in text form a bytea travels as hex, twice its
+    size, and reading 32 KB blobs that way took 3.5x as long. A row gone between the two
+    queries has ``None`` there.
     """
+    if blob is None or connections[rows.db].vendor != "postgresql":
+        yield from _keyset_pages(rows, names, size, after)
+        return
+    at = names.index(blob)
+    others = names[:at] + names[at + 1 :]
+    for page in _keyset_pages(rows, others, size, after):
+        blobs = _binary_blobs(rows, blob, [row[0] for row in page])
+        yield [(*row[:at], blobs.get(row[0]), *row[at:]) for row in page]
+
+
+def _keyset_pages(
+    rows: models.QuerySet, names: tuple[str, ...], size: int, after: Any
+) -> Iterator[list[tuple[Any, ...]]]:
     ordered = rows.order_by("pk")
     while True:
         page = ordered if after is None else ordered.filter(pk__gt=after)
@@ -240,14 +262,34 @@ def keyset_pages(
         after = values[-1][0]
 
 
+def _binary_blobs(rows: models.QuerySet, attname: str, pks: list[Any]) -> dict[Any, bytes]:
+    """Column ``attname`` of the rows ``pks`` of ``rows.model``, read in the binary protocol."""
+    connection = connections[rows.db]
+    meta = rows.model._meta
+    quote = connection.ops.quote_name
+    pk_type = meta.pk.rel_db_type(connection)
+    sql = (
+        f"SELECT {quote(meta.pk.column)}, {quote(meta.get_field(attname).column)} "
+        f"FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)} = ANY(%s::{pk_type}[])"
+    )
+    connection.ensure_connection()
+    import psycopg  # PostgreSQL only; Django's own cursors bind client-side, without binary
+
+    with psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(sql, [pks], binary=True)
+        return dict(cursor.fetchall())
+
+
 def prefetched(
     rows: models.QuerySet,
     names: tuple[str, ...],
     size: int,
     after: Any = None,
     prepare: Callable[[list[tuple[Any, ...]]], list[Any]] | None = None,
+    blob: str | None = None,
 ) -> Iterator[list[Any]]:
-    """:func:`keyset_pages`, read one page ahead by a thread with its own connection.
+    """:func:`keyset_pages` (``blob`` as there), read one page ahead by a thread with its own
+    connection.
 
     While this thread converts and writes a page, the next one travels from the database, and
     ``prepare`` (when given) turns it into what this thread wants (checksums verified, say:
@@ -256,7 +298,7 @@ def prefetched(
     """
     prepare = prepare or (lambda page: page)
     if connections[rows.db].in_atomic_block:
-        for page in keyset_pages(rows, names, size, after):
+        for page in keyset_pages(rows, names, size, after, blob):
             yield prepare(page)
         return
     ready: queue.Queue[Any] = queue.Queue(maxsize=1)
@@ -264,7 +306,7 @@ def prefetched(
 
     def read() -> None:
         try:
-            for page in keyset_pages(rows, names, size, after):
+            for page in keyset_pages(rows, names, size, after, blob):
                 page = prepare(page)
                 while not stop.is_set():
                     try:
