@@ -133,8 +133,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed-runs", type=int, default=3, help="seed path runs; the fastest counts")
     p.add_argument(
         "--channels-last",
-        action="store_true",
-        help="channels_last layout for ours and the worker (default: the setting's, off)",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="channels_last layout for ours and the worker (default: the setting's 'auto': on "
+        "for a CPU, off for a GPU)",
     )
     p.add_argument("--large", type=int, help="tiled decode peak memory size (GPU 2048; CPU 256)")
     p.add_argument(
@@ -186,7 +188,7 @@ def latentstore_config(model_dir: Path, args: argparse.Namespace, device) -> dic
         "DTYPE": args.dtype,
         "CPU_DTYPE": args.dtype if device.type == "cpu" else "float32",
         "DEVICE": str(device),
-        "CHANNELS_LAST": bool(args.channels_last),
+        "CHANNELS_LAST": {"auto": "auto", "on": True, "off": False}[args.channels_last],
         "COMPILE": compile_setting(args.compile),
     }
     config: dict[str, Any] = {"AUTOENCODERS": {"default": entry}}
@@ -441,7 +443,10 @@ def main() -> int:
     seed_model = seed_model.to(device).eval()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     name = name or platform.machine()
-    log(f"device {device} ({name}); ours: {ours.dtype}, batch {args.batch}, compile {args.compile}")
+    log(
+        f"device {device} ({name}); ours: {ours.dtype}, batch {args.batch}, compile "
+        f"{args.compile}, channels_last {ours.channels_last}"
+    )
     load_before = os.getloadavg()[0]
 
     peak = {"float32": peak_tflops(device, "float32")}
@@ -466,7 +471,8 @@ def main() -> int:
         f"- device: {device} — {name}; torch {torch.__version__}, "
         f"diffusers {diffusers.__version__}",
         f"- model: full SD VAE architecture, random weights (seed {args.seed}); ours: "
-        f"{args.dtype}, channels_last={args.channels_last}, compile={args.compile}; "
+        f"{args.dtype}, channels_last={ours.channels_last} ({args.channels_last}), "
+        f"compile={args.compile}; "
         "seed: float32, one at a time",
         f"- load average (1 min) {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the "
         f"end; CPU_BATCH_SIZE {config.get('CPU_BATCH_SIZE')!r} (CPU only)",

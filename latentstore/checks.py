@@ -391,7 +391,8 @@ def _check_cpu_settings(settings: dict[str, Any]) -> list[checks.CheckMessage]:
 
 
 def _check_autoencoder_runtime(alias: str, cfg: dict[str, Any]) -> list[checks.CheckMessage]:
-    """How a worker runs one autoencoder: CPU dtype, tiling, compilation (E052-E055)."""
+    """How a worker runs one autoencoder: CPU dtype, tiling, compilation, layout (E052-E055,
+    E059)."""
     errors: list[checks.CheckMessage] = []
     if cfg.get("CPU_DTYPE") not in ("float32", "float16", "bfloat16"):
         errors.append(
@@ -433,6 +434,15 @@ def _check_autoencoder_runtime(alias: str, cfg: dict[str, Any]) -> list[checks.C
                 id="latentstore.E055",
                 hint="False, True, or a dict of torch.compile options such as "
                 "{'mode': 'max-autotune'}.",
+            )
+        )
+    layout = cfg.get("CHANNELS_LAST")
+    if not (isinstance(layout, bool) or (isinstance(layout, str) and layout.lower() == "auto")):
+        errors.append(
+            checks.Error(
+                f"Autoencoder {alias!r} has CHANNELS_LAST {layout!r}.",
+                id="latentstore.E059",
+                hint="'auto' (the default: on for a CPU, off for a GPU), True or False.",
             )
         )
     return errors

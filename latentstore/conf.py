@@ -24,10 +24,10 @@ DEFAULT_AUTOENCODER: dict[str, Any] = {
     # How the worker runs it (see workers/autoencoders.py). DTYPE applies on GPUs; on CPU,
     # half-precision convolutions are slow or missing, so CPU_DTYPE (float32) is used there.
     "CPU_DTYPE": "float32",
-    # channels_last memory layout. Off by default: measured on an H200 (docs/benchmarks.md, "GPU
-    # benchmark"), eager GroupNorm in channels_last is 3x slower and costs more than the
-    # convolutions gain; with COMPILE it may pay off -- measure.
-    "CHANNELS_LAST": False,
+    # channels_last memory layout: "auto" is on for a CPU (the SD VAE encodes 8-14% faster in it
+    # there, docs/benchmarks.md) and off for a GPU (on an H200, eager GroupNorm in channels_last
+    # is 3x slower and costs more than the convolutions gain; with COMPILE it may pay off).
+    "CHANNELS_LAST": "auto",
     # torch.compile the encoder and decoder: False, True, or a dict of torch.compile kwargs.
     "COMPILE": False,
     # Images with more pixels than this are encoded/decoded tile by tile (bounded memory).

@@ -471,20 +471,28 @@ def test_non_finite_in_float32_too_fails_the_item(settings, tmp_path):
 # --- layout and compilation ----------------------------------------------------------------------
 
 
-def test_channels_last_is_opt_in_and_changes_nothing_but_speed(settings, tiny_vae_dir):
-    plain = load_autoencoder("default")
-    assert not plain.channels_last  # the default: eager GroupNorm is slow in channels_last
-    assert not plain.model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    images = pictures(MIXED)
-    reference = encode_images(plain, images)
-    clear_cache()
-    configure(settings, tiny_vae_dir, CHANNELS_LAST=True)
-    ae = load_autoencoder("default")
-    assert ae.channels_last
+def test_channels_last_is_auto_on_a_cpu_and_changes_nothing_but_speed(settings, tiny_vae_dir):
+    from latentstore_workers.autoencoders import channels_last_for
+
+    ae = load_autoencoder("default")  # the default, "auto": on for a CPU
+    assert ae.channels_last and ae.device.type == "cpu"
     assert ae.model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    images = pictures(MIXED)
     fast = encode_images(ae, images)
+    clear_cache()
+    configure(settings, tiny_vae_dir, CHANNELS_LAST=False)
+    plain = load_autoencoder("default")
+    assert not plain.channels_last
+    assert not plain.model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    reference = encode_images(plain, images)
     for a, b in zip(fast, reference, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # "auto" is off for a GPU, where eager GroupNorm is slow in channels_last.
+    assert channels_last_for("auto", torch.device("cuda")) is False
+    assert channels_last_for("AUTO", torch.device("cpu")) is True
+    assert channels_last_for(True, torch.device("cuda")) is True
+    with pytest.raises(ValueError, match="CHANNELS_LAST"):
+        channels_last_for("yes", torch.device("cpu"))
 
 
 def test_compile_setting_compiles_encoder_and_decoder(settings, tiny_vae_dir):

@@ -29,5 +29,7 @@ def test_bad_worker_settings_are_flagged(settings, tiny_vae_dir):
     assert "latentstore.E054" in ids(settings, tiny_vae_dir, TILE_OVERLAP=1.0)
     assert "latentstore.E054" in ids(settings, tiny_vae_dir, TILE_ABOVE_PIXELS=-1)
     assert "latentstore.E055" in ids(settings, tiny_vae_dir, COMPILE="max-autotune")
+    assert "latentstore.E059" in ids(settings, tiny_vae_dir, CHANNELS_LAST="yes")
+    assert "latentstore.E059" not in ids(settings, tiny_vae_dir, CHANNELS_LAST=False)
     found = ids(settings, tiny_vae_dir, {"MEMORY_BUDGET": 2**30}, TILE_ABOVE_PIXELS=None)
     assert not {i for i in found if i.startswith("latentstore.E05")}
