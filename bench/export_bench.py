@@ -117,30 +117,9 @@ def fill(count: int) -> list[int]:
     return pks
 
 
-def bare_loop(last_pk: int) -> tuple[int, float]:
-    """Rows and seconds of a server-side cursor reading only the blob column."""
-    from django.db import connection, transaction
-
-    from project.models import Photo
-
-    table = Photo._meta.db_table
-    start = time.perf_counter()
-    n = nbytes = 0
-    with transaction.atomic(), connection.chunked_cursor() as cursor:
-        cursor.execute(
-            f"SELECT image FROM \"{table}\" WHERE image_state = 'ready' AND id <= %s ORDER BY id",
-            [last_pk],
-        )
-        while rows := cursor.fetchmany(200):
-            for (blob,) in rows:
-                nbytes += len(blob)
-                n += 1
-    return n, time.perf_counter() - start
-
-
-def bare_loop_binary(last_pk: int) -> tuple[int, float]:
-    """The same loop on a psycopg server-side cursor in the binary protocol (the export reads
-    its blobs that way; Django's cursors read bytea as hex text, twice the bytes)."""
+def bare_loop(last_pk: int, binary: bool = False) -> tuple[int, float]:
+    """Rows and seconds of a server-side cursor reading only the blob column: Django's (bytea
+    as hex text), or with ``binary`` psycopg's in the binary protocol (as the export reads)."""
     from django.db import connection, transaction
 
     from project.models import Photo
@@ -149,8 +128,11 @@ def bare_loop_binary(last_pk: int) -> tuple[int, float]:
     start = time.perf_counter()
     n = nbytes = 0
     with transaction.atomic():
-        raw = connection.connection
-        with raw.cursor(name="bare_binary", binary=True) as cursor:
+        if binary:
+            cursor = connection.connection.cursor(name="bare_binary", binary=True)
+        else:
+            cursor = connection.chunked_cursor()
+        with cursor:
             cursor.execute(
                 f"SELECT image FROM \"{table}\" WHERE image_state = 'ready' AND id <= %s "
                 "ORDER BY id",
@@ -239,7 +221,7 @@ def run(args: argparse.Namespace, counts: list[int], var: Path, url: str) -> Non
             n, seconds = bare_loop(last_pk)
             assert n == count, (n, count)
             bare.append(n / seconds)
-            n, seconds = bare_loop_binary(last_pk)
+            n, seconds = bare_loop(last_pk, binary=True)
             assert n == count, (n, count)
             binary.append(n / seconds)
             for fmt in ours:
