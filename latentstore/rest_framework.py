@@ -175,7 +175,8 @@ class LatentImageField(serializers.Field):
             own = wanted[-1] >= own_w
         shape = self._shapes.get((count, own))
         if shape is None:
-            shape = _shape(wanted, count, own, self._picture_formats(), self._url_format)
+            formats = self._picture_formats()  # sets self._url_format too
+            shape = _shape(wanted, count, own, formats, self._url_format)
             self._shapes[(count, own)] = shape
         signer, template, prefix = self._template(image, shape, facts.autoencoder)
         base = f"{prefix}{signer.sign_row(template, image.instance.pk, facts.digest)}/"
