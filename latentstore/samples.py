@@ -276,7 +276,8 @@ def _binary_blobs(rows: models.QuerySet, attname: str, pks: list[Any]) -> dict[A
     import psycopg  # PostgreSQL only; Django's own cursors bind client-side, without binary
 
     with psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute(sql, [pks], binary=True)
+        # Never a named prepared statement: a transaction-pooling pgbouncer would lose it.
+        cursor.execute(sql, [pks], binary=True, prepare=False)
         return dict(cursor.fetchall())
 
 
