@@ -187,17 +187,29 @@ def picture_candidates(
     return candidates
 
 
+_SETTING = object()  # candidate_count's limit: URL_MAX_SIZE
+
+
 def candidate_count(
-    own_w: int, own_h: int, wanted: tuple[int, ...], upscale: bool = False
+    own_w: int,
+    own_h: int,
+    wanted: tuple[int, ...],
+    upscale: bool = False,
+    limit: int | None | object = _SETTING,
 ) -> tuple[int, bool]:
     """How many of the sorted ``wanted`` widths are srcset candidates of a ``own_w`` x
     ``own_h`` picture (always the first ones), and whether its own size follows them (see
-    :func:`picture_candidates`)."""
+    :func:`picture_candidates`). ``limit`` defaults to ``URL_MAX_SIZE``."""
     count = len(wanted) if upscale else bisect.bisect_left(wanted, own_w)
-    limit = conf.get_settings()["URL_MAX_SIZE"]
+    if limit is _SETTING:
+        limit = conf.get_settings()["URL_MAX_SIZE"]
     if limit is not None:
-        # A box's width and height both grow with its width: those within the limit come first.
-        while count and max(width_box((own_w, own_h), wanted[count - 1])) > limit:
+        # A box's width and height both grow with its width, so those within the limit come
+        # first. width_box's height, ceil(own_h * w / own_w), passes the limit exactly when
+        # own_h * w does limit * own_w: whole numbers, no rounding.
+        while count and (
+            wanted[count - 1] > limit or own_h * wanted[count - 1] > limit * own_w  # type: ignore[operator]
+        ):
             count -= 1
     return count, not upscale and (count == 0 or wanted[-1] >= own_w)
 

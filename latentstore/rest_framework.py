@@ -20,7 +20,6 @@ The OpenAPI schema of the field is described to drf-spectacular when it is insta
 from __future__ import annotations
 
 import base64
-from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +123,6 @@ class LatentImageField(serializers.Field):
         self.preview_decoder = preview_decoder
         self.preview_size = preview_size
         self.include_latents = include_latents
-        self._prefix: tuple[Any, str] = (None, "")
         self._prefetched_for: Any = None
         self._formats: list[str] | None = None
         self._url_format = ""
@@ -161,18 +159,9 @@ class LatentImageField(serializers.Field):
         if not own_w or not own_h:
             return
         wanted, limit = self._wanted()
-        count = bisect_left(wanted, own_w)
-        top = wanted[count - 1] if count else 0
-        if (
-            self.upscale
-            or count == 0
-            or (limit is not None and (top > limit or own_h * top > limit * own_w))
-        ):  # the general rule; the usual case (the top candidate's box in the limit) is below
-            count, own = candidate_count(own_w, own_h, wanted, self.upscale)
-            if not count and not own:
-                return
-        else:
-            own = wanted[-1] >= own_w
+        count, own = candidate_count(own_w, own_h, wanted, self.upscale, limit)
+        if not count and not own:
+            return
         shape = self._shapes.get((count, own))
         if shape is None:
             formats = self._picture_formats()  # sets self._url_format too
@@ -228,13 +217,11 @@ class LatentImageField(serializers.Field):
         return self._formats
 
     def _url_prefix(self) -> str:
-        # Absolute URLs when the view passed its request (as DRF's FileField does). The scheme,
-        # host and path prefix are worked out once per request, not once per picture.
+        # Absolute URLs when the view passed its request (as DRF's FileField does); worked out
+        # with each template (_template), not once per picture.
         request = self.context.get("request")
-        if self._prefix[0] is not request or not self._prefix[1]:
-            host = request.build_absolute_uri("/").rstrip("/") if request is not None else ""
-            self._prefix = (request, host + url_prefix())
-        return self._prefix[1]
+        host = request.build_absolute_uri("/").rstrip("/") if request is not None else ""
+        return host + url_prefix()
 
     def _latents(self, image: LatentImage) -> dict[str, Any]:
         self._prefetch_siblings(image)
